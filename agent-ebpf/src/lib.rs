@@ -1,0 +1,82 @@
+//! Types shared by the eBPF programs and the userspace agent.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, has explicit padding and no `bool`, so both sides
+//! agree on the layout byte for byte. Addresses are stored in network byte order as the
+//! kernel hands them over; ports are stored in host byte order.
+#![no_std]
+
+/// Map of intercepted destination ports: key `u16` port, value [`PortPolicy`].
+pub const MAP_INTERCEPT_PORTS: &str = "TM_INTERCEPT";
+/// Map of enrolled pods: key `u64` netns cookie, value [`PodSteering`].
+pub const MAP_PODS: &str = "TM_PODS";
+/// LRU map from socket cookie to [`OriginalDst`], written by `connect4`.
+pub const MAP_PENDING: &str = "TM_PENDING";
+/// LRU map from [`ConnKey`] to [`OriginalDst`], written by `sockops`, read by the agent.
+pub const MAP_ORIGINAL_DST: &str = "TM_ORIG_DST";
+/// Map of protected inbound addresses: key [`InboundKey`], value `u32` SOCKMAP slot.
+pub const MAP_PROTECTED: &str = "TM_PROTECTED";
+/// SOCKMAP holding the agent's inbound listeners, one slot per protected pod.
+pub const MAP_INBOUND_SOCKETS: &str = "TM_INBOUND_SOCKS";
+
+/// Value of [`MAP_INTERCEPT_PORTS`]: whether connections to this port are steered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortPolicy {
+    /// 1 to intercept, 0 to leave alone.
+    pub intercept: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`MAP_PODS`]: how the outbound traffic of one enrolled pod is steered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSteering {
+    /// Port of the agent's outbound listener on 127.0.0.1 inside the pod's netns.
+    pub outbound_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// An intercepted connection's original IPv4 destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// IPv4 address in network byte order.
+    pub addr: u32,
+    /// Port in host byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of [`MAP_ORIGINAL_DST`]: the client side of a redirected connection, as the
+/// agent's listener sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnKey {
+    /// Cookie of the network namespace the connection lives in.
+    pub netns_cookie: u64,
+    /// The client's local port, in host byte order.
+    pub client_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key of [`MAP_PROTECTED`]: a pod address whose inbound connections the agent validates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundKey {
+    /// IPv4 address in network byte order.
+    pub addr: u32,
+    /// Port in host byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is repr(C), Copy, built only of integers with explicit padding,
+    // so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::PortPolicy {}
+    unsafe impl aya::Pod for super::PodSteering {}
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::InboundKey {}
+}

@@ -1,0 +1,3 @@
+//! The agent's YAML configuration: parsing, secret resolution and validation.
+
+pub mod secret;
