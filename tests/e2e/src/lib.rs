@@ -1,1 +1,4 @@
-//! End-to-end test support.
+//! Support for the end-to-end suites: network topology, identity provider, processes.
+
+pub mod idp;
+pub mod topology;

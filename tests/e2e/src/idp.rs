@@ -1,0 +1,1 @@
+//! Identity provider harness (in progress).

@@ -1,0 +1,1 @@
+//! Network namespace and cgroup topology (in progress).
