@@ -1,1 +1,135 @@
-fn main() {}
+//! `cargo xtask`: setup, build, tests, demo and cleanup for tokenmesh developers and CI.
+
+mod cleanup;
+mod command;
+mod setup;
+mod summary;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+const DEMO_PACKAGE: &str = "tokenmesh-e2e";
+const DEMO_BINARY: &str = "tokenmesh-demo";
+
+#[derive(Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Developer and CI tasks for tokenmesh")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need and are missing: rust-src for nightly,
+    /// bpf-linker, iproute2, curl, and the identity provider's npm packages.
+    Setup,
+    /// Run setup, then build every binary of the workspace in release mode.
+    Build,
+    /// Run setup, then every unit and end-to-end test of the workspace (needs root).
+    Test {
+        /// Arguments passed on to `cargo test`, for example `-p tokenmesh-e2e --test topology`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Run setup, build, then the demo on this machine (needs root).
+    Demo {
+        /// Arguments passed on to the demo binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        demo_args: Vec<String>,
+    },
+    /// Remove network namespaces (`tm-*`), cgroups and bpffs folders (`tokenmesh-test-*`)
+    /// left behind by test runs whose process has exited.
+    Cleanup {
+        /// Also remove the ones whose test process is still running.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup::run(&root),
+        Task::Build => {
+            setup::run(&root)?;
+            build(&root)
+        }
+        Task::Test { cargo_args } => {
+            require_root("test")?;
+            setup::run(&root)?;
+            let code = summary::run_cargo_test(&root, &cargo_args)?;
+            std::process::exit(code);
+        }
+        Task::Demo { demo_args } => {
+            require_root("demo")?;
+            setup::run(&root)?;
+            ensure_demo_binary(&root)?;
+            build(&root)?;
+            command::run(
+                Command::new("cargo")
+                    .current_dir(&root)
+                    .args(["run", "--release", "-p", DEMO_PACKAGE, "--bin", DEMO_BINARY, "--"])
+                    .args(&demo_args),
+            )
+        }
+        Task::Cleanup { all } => {
+            require_root("cleanup")?;
+            cleanup::run(all)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .expect("xtask lives one folder below the workspace root")
+        .to_path_buf()
+}
+
+fn build(root: &Path) -> Result<()> {
+    command::run(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["build", "--release", "--workspace", "--bins"]),
+    )
+}
+
+/// Fails unless the process runs as root, which the eBPF loads and namespace setup need.
+fn require_root(task: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "`cargo xtask {task}` must run as root because it loads eBPF programs and creates \
+             network namespaces and cgroups: run as root, e.g. `sudo -E cargo xtask {task}`"
+        );
+    }
+    Ok(())
+}
+
+/// Fails with a clear message when the e2e package has no demo binary yet.
+fn ensure_demo_binary(root: &Path) -> Result<()> {
+    let metadata = command::output(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["metadata", "--no-deps", "--format-version", "1"]),
+    )?;
+    let metadata: serde_json::Value =
+        serde_json::from_str(&metadata).context("failed to parse `cargo metadata` output")?;
+    let packages = metadata["packages"].as_array().cloned().unwrap_or_default();
+    let has_demo = packages
+        .iter()
+        .filter(|package| package["name"] == DEMO_PACKAGE)
+        .flat_map(|package| package["targets"].as_array().cloned().unwrap_or_default())
+        .any(|target| target["name"] == DEMO_BINARY);
+    if !has_demo {
+        bail!(
+            "the demo binary `{DEMO_BINARY}` does not exist yet: package `{DEMO_PACKAGE}` \
+             (tests/e2e) has no bin target of that name"
+        );
+    }
+    Ok(())
+}
