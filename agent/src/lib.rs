@@ -5,11 +5,13 @@
 //! outbound and inbound listeners, `oauth` gets and validates access tokens, `policy`
 //! decides which plugin applies to which pod, and `audit` records every decision.
 
+pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod netns;
 pub mod oauth;
 pub mod policy;
-pub mod proxy;
+// pub mod proxy;
+// pub mod run;
 pub mod steering;
 pub mod workloads;

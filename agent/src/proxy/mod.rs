@@ -1,1 +1,199 @@
-//! proxy (in progress)
+//! The per-pod listeners. Each pod gets an outbound listener on 127.0.0.1 inside its own
+//! network namespace (connect4 redirects the pod's intercepted connections there) and, when
+//! a validator protects it, an inbound listener that sk_lookup feeds with the SYNs for its
+//! protected ports. Upstream sockets are made in the same namespace, so traffic keeps the
+//! pod's own address.
+
+mod detect;
+mod inbound;
+mod outbound;
+mod respond;
+mod tcp;
+mod upstream;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    audit::Audit,
+    config::ProxyConfig,
+    netns::Netns,
+    oauth::{introspect::Introspector, token::TokenSource},
+    policy::PodPolicy,
+    steering::Steering,
+    workloads::{Pod, PodIdentity},
+};
+
+pub use detect::{Protocol, classify};
+
+/// State shared by every listener of the node.
+pub struct Shared {
+    pub audit: Audit,
+    pub tokens: TokenSource,
+    pub introspector: Introspector,
+    pub steering: Arc<Steering>,
+    pub settings: ProxyConfig,
+    /// Pods of this node by address, to name both ends in audit records.
+    pub pods_by_ip: HashMap<IpAddr, PodIdentity>,
+    pub shutdown: CancellationToken,
+    /// Accept loops and connections, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Shared {
+    pub fn pod_name(&self, ip: IpAddr) -> Option<String> {
+        self.pods_by_ip.get(&ip).map(ToString::to_string)
+    }
+}
+
+/// One pod as the proxy sees it.
+pub struct PodRuntime {
+    pub pod: Pod,
+    pub policy: PodPolicy,
+    pub netns: Netns,
+}
+
+/// Why a pod's listeners could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PodSetupError {
+    #[error("cannot open network namespace {path} of pod {pod}: {source}; check the netns path in the workloads file")]
+    Netns {
+        pod: PodIdentity,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} inside pod {pod}: {source}; is another process using the port?")]
+    Listen {
+        pod: PodIdentity,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot steer traffic of pod {pod}: {source}")]
+    Steering {
+        pod: PodIdentity,
+        source: crate::steering::SteeringError,
+    },
+}
+
+/// Opens the pod's listeners, registers them with the eBPF programs and starts serving.
+pub async fn start_pod(
+    shared: &Arc<Shared>,
+    pod: Pod,
+    policy: PodPolicy,
+    outbound_port: u16,
+    inbound_port: u16,
+) -> Result<(), PodSetupError> {
+    let identity = pod.identity.clone();
+    let netns = Netns::open(&pod.netns).map_err(|source| PodSetupError::Netns {
+        pod: identity.clone(),
+        path: pod.netns.display().to_string(),
+        source,
+    })?;
+    let listen = |port: u16| {
+        let netns = netns.clone();
+        let identity = identity.clone();
+        async move {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            netns
+                .tcp_listener(addr)
+                .await
+                .map_err(|source| PodSetupError::Listen {
+                    pod: identity,
+                    addr,
+                    source,
+                })
+        }
+    };
+    let steering_error = |source| PodSetupError::Steering {
+        pod: identity.clone(),
+        source,
+    };
+
+    let outbound_listener = listen(outbound_port).await?;
+    let inbound_listener = match (&policy.validator, pod.protected_ports.is_empty()) {
+        (Some(_), false) => Some(listen(inbound_port).await?),
+        (None, false) => {
+            tracing::warn!(
+                pod = %identity,
+                ports = ?pod.protected_ports,
+                "pod lists protected ports but no token-validator plugin selects it; its inbound traffic is not checked"
+            );
+            None
+        }
+        _ => None,
+    };
+
+    let runtime = Arc::new(PodRuntime {
+        pod,
+        policy,
+        netns,
+    });
+    if let Some(listener) = &inbound_listener {
+        shared
+            .steering
+            .protect_inbound(
+                &runtime.netns,
+                runtime.pod.ip,
+                &runtime.pod.protected_ports,
+                listener,
+            )
+            .map_err(steering_error)?;
+        spawn_accept_loop(shared, &runtime, inbound_listener.unwrap(), inbound::serve);
+    }
+    shared
+        .steering
+        .enroll_outbound(runtime.netns.cookie(), outbound_port)
+        .map_err(steering_error)?;
+    spawn_accept_loop(shared, &runtime, outbound_listener, outbound::serve);
+
+    tracing::info!(
+        pod = %runtime.pod.identity,
+        pod.ip = %runtime.pod.ip,
+        creator = runtime.policy.creator.as_ref().map(|c| c.plugin_id.as_str()),
+        validator = runtime.policy.validator.as_ref().map(|v| v.plugin_id.as_str()),
+        protected_ports = ?runtime.pod.protected_ports,
+        "pod enrolled"
+    );
+    Ok(())
+}
+
+fn spawn_accept_loop<F, Fut>(
+    shared: &Arc<Shared>,
+    runtime: &Arc<PodRuntime>,
+    listener: TcpListener,
+    serve: F,
+) where
+    F: Fn(Arc<Shared>, Arc<PodRuntime>, tokio::net::TcpStream, SocketAddr) -> Fut
+        + Send
+        + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let shared = shared.clone();
+    let runtime = runtime.clone();
+    let tasks = shared.tasks.clone();
+    tasks.spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shared.shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let connection = serve(shared.clone(), runtime.clone(), stream, peer);
+                    shared.tasks.spawn(connection);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %runtime.pod.identity, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,165 @@
+//! The agent's lifecycle: load, steer, serve every pod, and shut down on a signal.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{self, Readiness},
+    audit::Audit,
+    config::{Config, OnExit},
+    oauth::{introspect::Introspector, token::TokenSource},
+    policy::PodPolicy,
+    proxy::{self, Shared},
+    steering::{self, Steering, SteeringSettings},
+    workloads::{self, Pod},
+};
+
+/// How long connections in flight may finish after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Joins a cgroup path from the config or workloads file onto the cgroup v2 mount, unless
+/// it already starts with the mount.
+pub fn cgroup_path(mount: &Path, path: &Path) -> PathBuf {
+    if path.starts_with(mount) {
+        return path.to_path_buf();
+    }
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    mount.join(relative)
+}
+
+/// Loads the workloads file named by `config`, with cgroup paths made absolute.
+pub fn load_pods(config: &Config, cgroup_mount: &Path) -> anyhow::Result<Vec<Pod>> {
+    let mut pods = workloads::load_file(&config.workloads_file, Path::new("/"))?;
+    for pod in &mut pods {
+        pod.cgroup = cgroup_path(cgroup_mount, &pod.cgroup);
+    }
+    Ok(pods)
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "starting tokenmesh agent");
+
+    let cgroup_mount = steering::cgroup2_mount()?;
+    let pods_cgroup = cgroup_path(&cgroup_mount, &config.steering.pods_cgroup);
+    let pods = load_pods(&config, &cgroup_mount)?;
+    let audit = Audit::open(&config.audit.path)
+        .with_context(|| format!("cannot open audit log {}", config.audit.path.display()))?;
+
+    let http = reqwest::Client::builder()
+        .timeout(config.proxy.idp_timeout)
+        .build()
+        .context("cannot build the HTTP client for the identity provider")?;
+
+    let shutdown = CancellationToken::new();
+    let readiness = Readiness::default();
+    let admin_task = admin::serve(config.admin.listen, readiness.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?;
+
+    let steering = Arc::new(Steering::start(&SteeringSettings {
+        bpffs_dir: config.steering.bpffs_dir.clone(),
+        pods_cgroup: pods_cgroup.clone(),
+        intercept_ports: config.steering.intercept_ports.clone(),
+    })?);
+    tracing::info!(
+        cgroup = %pods_cgroup.display(),
+        bpffs = %config.steering.bpffs_dir.display(),
+        ports = ?config.steering.intercept_ports,
+        "steering attached"
+    );
+
+    let shared = Arc::new(Shared {
+        audit,
+        tokens: TokenSource::new(http.clone(), config.proxy.token_refresh_skew),
+        introspector: Introspector::new(http),
+        steering: steering.clone(),
+        settings: config.proxy.clone(),
+        pods_by_ip: pods
+            .iter()
+            .map(|pod| (pod.ip.into(), pod.identity.clone()))
+            .collect::<HashMap<_, _>>(),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+
+    let started = start_pods(&shared, &config, pods).await;
+    if let Err(e) = started {
+        shutdown.cancel();
+        stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
+        return Err(e);
+    }
+    readiness.set(true);
+    tracing::info!("agent ready");
+
+    wait_for_signal().await?;
+    tracing::info!("starting shutdown");
+    readiness.set(false);
+    shutdown.cancel();
+    stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
+    let _ = admin_task.await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn start_pods(shared: &Arc<Shared>, config: &Config, pods: Vec<Pod>) -> anyhow::Result<()> {
+    for pod in pods {
+        let policy = PodPolicy::for_pod(&config.plugins, &pod);
+        proxy::start_pod(
+            shared,
+            pod,
+            policy,
+            config.steering.outbound_port,
+            config.steering.inbound_port,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn stop(shared: Arc<Shared>, steering: Arc<Steering>, on_exit: OnExit, bpffs_dir: &Path) {
+    shared.tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, shared.tasks.wait()).await.is_err() {
+        tracing::warn!(
+            timeout = ?DRAIN_TIMEOUT,
+            "connections still open after the drain timeout; closing them"
+        );
+    }
+    drop(shared);
+    let mode = match on_exit {
+        OnExit::Keep => steering::OnExit::Keep,
+        OnExit::Detach => steering::OnExit::Detach,
+    };
+    let result = match Arc::into_inner(steering) {
+        Some(steering) => steering.shutdown(mode),
+        // Connections that outlived the drain still hold the handle; the pins are
+        // removed by path instead.
+        None if on_exit == OnExit::Detach => steering::uninstall(bpffs_dir),
+        None => Ok(()),
+    };
+    match result {
+        Ok(()) if on_exit == OnExit::Keep => tracing::info!(
+            "eBPF programs stay attached: intercepted connections of pods are refused until an agent runs again; `tokenmesh-agent uninstall` removes them"
+        ),
+        Ok(()) => tracing::info!("eBPF programs detached and pins removed"),
+        Err(e) => tracing::error!(error = %e, "failed to shut down steering"),
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    }
+    Ok(())
+}
