@@ -1,0 +1,424 @@
+//! The node scenario shared by the end-to-end suite and `cargo xtask demo`: four pods on
+//! one node, the real identity provider on loopback, echo apps, and the agent.
+//!
+//! - `frontend` (service account `frontend`) calls `echo` with client `frontend`.
+//! - `intruder` has its own client, `intruder`, which `echo` does not allow.
+//! - `stranger` shares the `frontend` service account, so it gets a valid `frontend`
+//!   token, but its address is outside the networks `echo` accepts.
+//! - `echo` runs the echo app on port 8080 (intercepted and protected) and on port 9090
+//!   (neither).
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    idp::{Idp, IdpClient, IdpConfig, IdpStats},
+    process::ChildGuard,
+    topology::{Pod, Topology},
+};
+
+pub const PROTECTED_PORT: u16 = 8080;
+pub const PLAIN_PORT: u16 = 9090;
+pub const CLIENT_ID_HEADER: &str = "x-tokenmesh-client-id";
+const PODS: [&str; 4] = ["frontend", "echo", "intruder", "stranger"];
+
+/// Paths of the programs a scenario runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub echo: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the agent through `TOKENMESH_AGENT_BIN` (set by `cargo xtask`), or else in the
+    /// workspace's `target/debug`, and the echo app at `echo`.
+    pub fn locate(echo: PathBuf) -> anyhow::Result<Binaries> {
+        let agent = match std::env::var_os("TOKENMESH_AGENT_BIN") {
+            Some(path) => PathBuf::from(path),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tokenmesh-agent"),
+        };
+        if !agent.exists() {
+            bail!(
+                "agent binary {} not found; run `cargo build -p tokenmesh-agent` or use `cargo xtask test`",
+                agent.display()
+            );
+        }
+        Ok(Binaries { agent, echo })
+    }
+}
+
+/// The result of one `curl` run inside a pod.
+#[derive(Debug, Clone)]
+pub struct CurlOutcome {
+    /// curl's exit code: 0 for a completed exchange, 7 for a refused connection.
+    pub exit_code: i32,
+    /// HTTP status, 0 when no response arrived.
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl CurlOutcome {
+    /// The echo app's JSON report of what reached it.
+    pub fn echoed(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("response body is not the echo app's JSON: {:?}", self.body))
+    }
+
+    /// Values of a request header as the echo app saw it (names in lower case).
+    pub fn echoed_header(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        let echoed = self.echoed()?;
+        let values = echoed["headers"][name]
+            .as_array()
+            .map(|values| {
+                values
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(values)
+    }
+
+    /// A response header's value (first occurrence, name matched case-insensitively).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    }
+}
+
+/// A running scenario. Drop stops every process and removes every namespace, cgroup and
+/// pin it made.
+pub struct Scenario {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub audit_path: PathBuf,
+    pub admin: SocketAddr,
+    pub bpffs_dir: PathBuf,
+    binaries: Binaries,
+    agent: Option<ChildGuard>,
+    apps: Vec<ChildGuard>,
+    // Fields drop in order: the identity provider and topology go last.
+    pub idp: Idp,
+    pub topology: Topology,
+}
+
+impl Scenario {
+    /// Builds the topology, starts the identity provider and the echo apps, writes the
+    /// agent's files, and starts the agent.
+    pub fn start(prefix: &str, binaries: Binaries) -> anyhow::Result<Scenario> {
+        let topology = Topology::create(prefix, &PODS)?;
+        let idp = Idp::start(&IdpConfig::new(vec![
+            IdpClient::new("frontend", "frontend-secret", "admin"),
+            IdpClient::new("intruder", "intruder-secret", "admin"),
+            IdpClient::new("echo-validator", "validator-secret", ""),
+        ]))?;
+        let dir = tempfile::Builder::new().prefix("tokenmesh-scenario-").tempdir()?;
+        let admin = free_loopback_addr()?;
+        let bpffs_dir = topology.bpf_pin_dir().to_path_buf();
+        let mut scenario = Scenario {
+            config_path: dir.path().join("agent.yaml"),
+            audit_path: dir.path().join("audit.jsonl"),
+            dir,
+            admin,
+            bpffs_dir,
+            binaries,
+            agent: None,
+            apps: Vec::new(),
+            idp,
+            topology,
+        };
+        scenario.write_files()?;
+        scenario.start_apps()?;
+        scenario.start_agent()?;
+        Ok(scenario)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.topology.pod(name)
+    }
+
+    /// URL of the echo app on `port` at the echo pod's address.
+    pub fn echo_url(&self, port: u16, path: &str) -> String {
+        format!("http://{}:{port}{path}", self.pod("echo").ip)
+    }
+
+    fn write_files(&self) -> anyhow::Result<()> {
+        let dir = self.dir.path();
+        std::fs::create_dir_all(dir.join("secrets"))?;
+        std::fs::write(dir.join("secrets/frontend"), "frontend-secret\n")?;
+        std::fs::write(dir.join("secrets/intruder"), "intruder-secret\n")?;
+
+        let mut workloads = String::from("pods:\n");
+        for name in PODS {
+            let pod = self.pod(name);
+            let account = if name == "stranger" { "frontend" } else { name };
+            let ports = if name == "echo" {
+                format!("[{PROTECTED_PORT}]")
+            } else {
+                "[]".into()
+            };
+            workloads.push_str(&format!(
+                "  - name: {name}\n    namespace: demo\n    service_account: {account}\n    \
+                 ip: {ip}\n    netns: {netns}\n    cgroup: {cgroup}\n    protected_ports: {ports}\n",
+                ip = pod.ip,
+                netns = pod.netns_path.display(),
+                cgroup = pod.cgroup.display(),
+            ));
+        }
+        std::fs::write(dir.join("workloads.yaml"), workloads)?;
+
+        let config = format!(
+            r#"workloads:
+  file: workloads.yaml
+steering:
+  bpffs_dir: {bpffs}
+  pods_cgroup: {cgroup}
+  intercept_ports: [{PROTECTED_PORT}]
+audit:
+  path: audit.jsonl
+admin:
+  listen: {admin}
+plugins:
+  - id: frontend-token
+    type: token-creator
+    workloads:
+      service_account: frontend
+    parameters:
+      token_endpoint: {token}
+      client_id: frontend
+      client_secret: file:secrets/frontend
+      scopes: [admin]
+  - id: intruder-token
+    type: token-creator
+    workloads:
+      service_account: intruder
+    parameters:
+      token_endpoint: {token}
+      client_id: intruder
+      client_secret: file:secrets/intruder
+      scopes: [admin]
+  - id: echo-validator
+    type: token-validator
+    workloads:
+      service_account: echo
+    parameters:
+      introspection_url: {introspection}
+      introspection_client_id: echo-validator
+      introspection_client_secret: ${{ECHO_VALIDATOR_SECRET}}
+      required_scopes: [admin]
+      allowed_client_ids: [frontend, intruder]
+      allowed_cidrs: [{frontend}/32, {intruder}/32]
+      client_id_header: {CLIENT_ID_HEADER}
+"#,
+            bpffs = self.bpffs_dir.display(),
+            cgroup = self.topology.pods_cgroup().display(),
+            admin = self.admin,
+            token = self.idp.token_endpoint(),
+            introspection = self.idp.introspection_endpoint(),
+            frontend = self.pod("frontend").ip,
+            intruder = self.pod("intruder").ip,
+        );
+        std::fs::write(&self.config_path, config)?;
+        Ok(())
+    }
+
+    fn start_apps(&mut self) -> anyhow::Result<()> {
+        for port in [PROTECTED_PORT, PLAIN_PORT] {
+            let echo = self.pod("echo");
+            let mut command = echo.command(&self.binaries.echo.display().to_string());
+            command.args(["--listen", &format!("0.0.0.0:{port}")]);
+            let child = ChildGuard::spawn(command, &format!("echo-{port}"), self.dir.path())?;
+            self.apps.push(child);
+        }
+        for port in [PROTECTED_PORT, PLAIN_PORT] {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            wait_until(Duration::from_secs(10), &format!("echo app on port {port}"), || {
+                self.curl_status_in("echo", &format!("http://{addr}/"))
+                    .is_ok_and(|status| status == 200)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent and waits until its `/readyz` answers 200.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(&self.binaries.agent);
+        command
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("ECHO_VALIDATOR_SECRET", "validator-secret")
+            .env("RUST_LOG", "info,tokenmesh_agent=debug");
+        let agent = ChildGuard::spawn(command, "agent", self.dir.path())?;
+        self.agent = Some(agent);
+        let admin = self.admin;
+        let ready = wait_until(Duration::from_secs(20), "agent /readyz", || {
+            http_get_status(admin, "/readyz").is_ok_and(|status| status == 200)
+        });
+        if let Err(e) = ready {
+            let log = self.agent_log();
+            bail!("{e}\nagent log:\n{log}");
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM to the agent and waits for it to exit.
+    pub fn stop_agent(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut agent = self.agent.take().context("the agent is not running")?;
+        agent.terminate(Duration::from_secs(15))
+    }
+
+    /// Everything the agent wrote to stderr so far.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.stderr")).unwrap_or_default()
+    }
+
+    /// Request counters of the identity provider.
+    pub fn idp_stats(&self) -> anyhow::Result<IdpStats> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(self.idp.stats())
+    }
+
+    /// Audit records written so far.
+    pub fn audit_records(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
+        text.lines()
+            .map(|line| serde_json::from_str(line).with_context(|| format!("bad audit line {line:?}")))
+            .collect()
+    }
+
+    /// Runs curl inside `pod` (its network namespace and cgroup) and returns what happened.
+    pub fn curl(&self, pod: &str, url: &str, headers: &[&str]) -> anyhow::Result<CurlOutcome> {
+        self.run_curl(self.pod(pod).command("curl"), url, headers)
+    }
+
+    /// Runs curl in `pod`'s network namespace but outside the pods' cgroups, as a process
+    /// the agent does not know: its connections are not redirected on the way out.
+    pub fn curl_unenrolled(&self, pod: &str, url: &str) -> anyhow::Result<CurlOutcome> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.pod(pod).netns_name, "curl"]);
+        self.run_curl(command, url, &[])
+    }
+
+    fn run_curl(&self, mut command: Command, url: &str, headers: &[&str]) -> anyhow::Result<CurlOutcome> {
+        let scratch = tempfile::tempdir_in(self.dir.path())?;
+        let body_path = scratch.path().join("body");
+        let headers_path = scratch.path().join("headers");
+        command
+            .args(["-sS", "--max-time", "10", "-o"])
+            .arg(&body_path)
+            .arg("-D")
+            .arg(&headers_path)
+            .args(["-w", "%{http_code}"]);
+        for header in headers {
+            command.args(["-H", header]);
+        }
+        command.arg(url);
+        let output = command.output().context("cannot run curl")?;
+        let status_text = String::from_utf8_lossy(&output.stdout);
+        Ok(CurlOutcome {
+            exit_code: output.status.code().unwrap_or(-1),
+            status: status_text.trim().parse().unwrap_or(0),
+            headers: std::fs::read_to_string(&headers_path).unwrap_or_default(),
+            body: std::fs::read_to_string(&body_path).unwrap_or_default(),
+        })
+    }
+
+    fn curl_status_in(&self, pod: &str, url: &str) -> anyhow::Result<u16> {
+        Ok(self.curl(pod, url, &[])?.status)
+    }
+
+    /// Sends `count` requests at once from `pod` (curl's parallel mode) and returns their
+    /// statuses.
+    pub fn curl_parallel(&self, pod: &str, url: &str, count: usize) -> anyhow::Result<Vec<u16>> {
+        let mut command = self.pod(pod).command("curl");
+        command.args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            &count.to_string(),
+            "-w",
+            "%{http_code}\n",
+        ]);
+        for _ in 0..count {
+            command.args(["-o", "/dev/null", url]);
+        }
+        let output = command.output().context("cannot run curl")?;
+        let statuses = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| line.trim().parse().unwrap_or(0))
+            .collect();
+        Ok(statuses)
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.terminate(Duration::from_secs(15));
+        }
+        // The agent keeps its programs pinned when it exits; remove them.
+        let uninstall = Command::new(&self.binaries.agent)
+            .args(["uninstall", "--config"])
+            .arg(&self.config_path)
+            .env("ECHO_VALIDATOR_SECRET", "validator-secret")
+            .output();
+        match uninstall {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => eprintln!(
+                "tokenmesh-agent uninstall failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ),
+            Err(e) => eprintln!("cannot run tokenmesh-agent uninstall: {e}"),
+        }
+        self.apps.clear();
+    }
+}
+
+/// Polls `ready` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} was not ready after {timeout:?}")
+}
+
+/// Minimal HTTP/1.0 GET on loopback, for the agent's admin endpoint.
+pub fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .context("empty HTTP response")?
+        .parse()?;
+    Ok(status)
+}
+
+fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?)
+}
