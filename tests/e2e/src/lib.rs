@@ -1,4 +1,5 @@
 //! Support for the end-to-end suites: network topology, identity provider, processes.
 
 pub mod idp;
+pub mod process;
 pub mod topology;
