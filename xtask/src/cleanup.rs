@@ -29,7 +29,10 @@ pub fn run(all: bool) -> Result<()> {
     let mut errors = Vec::new();
     for name in &cgroups {
         let cgroup = cgroup_root.join(name);
-        println!("cleanup: killing the processes of cgroup {}", cgroup.display());
+        println!(
+            "cleanup: killing the processes of cgroup {}",
+            cgroup.display()
+        );
         if let Err(error) = kill_cgroup(&cgroup) {
             errors.push(error);
         }
@@ -51,7 +54,10 @@ pub fn run(all: bool) -> Result<()> {
         let dir = Path::new(BPFFS).join(name);
         println!("cleanup: removing bpffs folder {}", dir.display());
         if let Err(error) = fs::remove_dir_all(&dir) {
-            errors.push(anyhow::anyhow!("failed to remove {}: {error}", dir.display()));
+            errors.push(anyhow::anyhow!(
+                "failed to remove {}: {error}",
+                dir.display()
+            ));
         }
     }
 
@@ -117,7 +123,10 @@ fn list_netns() -> Result<Vec<String>> {
 /// its veth devices.
 fn delete_netns(name: &str) -> Result<()> {
     let pids = command::output(Command::new("ip").args(["netns", "pids", name]))?;
-    for pid in pids.split_whitespace().filter_map(|pid| pid.parse::<i32>().ok()) {
+    for pid in pids
+        .split_whitespace()
+        .filter_map(|pid| pid.parse::<i32>().ok())
+    {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
     command::output(Command::new("ip").args(["netns", "delete", name]))?;
@@ -129,7 +138,8 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
     let kill_file = cgroup.join("cgroup.kill");
     if kill_file.exists() {
         // cgroup.kill (Linux 5.14) sends SIGKILL to the whole subtree at once.
-        fs::write(&kill_file, "1").with_context(|| format!("failed to write {}", kill_file.display()))?;
+        fs::write(&kill_file, "1")
+            .with_context(|| format!("failed to write {}", kill_file.display()))?;
     } else {
         for dir in cgroup_tree(cgroup)? {
             let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
@@ -142,7 +152,10 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
     let events = cgroup.join("cgroup.events");
     while fs::read_to_string(&events).is_ok_and(|text| text.contains("populated 1")) {
         if Instant::now() > deadline {
-            bail!("processes of {} are still running 5 s after SIGKILL", cgroup.display());
+            bail!(
+                "processes of {} are still running 5 s after SIGKILL",
+                cgroup.display()
+            );
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -153,7 +166,8 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
 /// cgroup without children.
 fn remove_cgroup_tree(cgroup: &Path) -> Result<()> {
     for dir in cgroup_tree(cgroup)?.iter().rev() {
-        fs::remove_dir(dir).with_context(|| format!("failed to remove cgroup {}", dir.display()))?;
+        fs::remove_dir(dir)
+            .with_context(|| format!("failed to remove cgroup {}", dir.display()))?;
     }
     Ok(())
 }
@@ -165,7 +179,9 @@ fn cgroup_tree(cgroup: &Path) -> Result<Vec<PathBuf>> {
     while next < tree.len() {
         let dir = tree[next].clone();
         next += 1;
-        for entry in fs::read_dir(&dir).with_context(|| format!("failed to read {}", dir.display()))? {
+        for entry in
+            fs::read_dir(&dir).with_context(|| format!("failed to read {}", dir.display()))?
+        {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
                 tree.push(entry.path());
@@ -214,13 +230,19 @@ mod tests {
     #[test]
     fn cgroup2_mount_point_hybrid_layout() {
         let line = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
-        assert_eq!(cgroup2_mount_point(line), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_point(line),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
     fn cgroup2_mount_point_unescapes_space() {
         let line = "41 31 0:38 / /mnt/cg\\040two rw - cgroup2 none rw";
-        assert_eq!(cgroup2_mount_point(line), Some(PathBuf::from("/mnt/cg two")));
+        assert_eq!(
+            cgroup2_mount_point(line),
+            Some(PathBuf::from("/mnt/cg two"))
+        );
     }
 
     #[test]

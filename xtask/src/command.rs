@@ -19,7 +19,9 @@ pub fn display(cmd: &Command) -> String {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let line = display(cmd);
     println!("+ {line}");
-    let status = cmd.status().with_context(|| format!("failed to start `{line}`"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start `{line}`"))?;
     if !status.success() {
         bail!("`{line}` failed with {status}");
     }
@@ -29,7 +31,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs a command and returns its stdout; fails with its stderr unless it exits with 0.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let line = display(cmd);
-    let output = cmd.output().with_context(|| format!("failed to start `{line}`"))?;
+    let output = cmd
+        .output()
+        .with_context(|| format!("failed to start `{line}`"))?;
     if !output.status.success() {
         bail!(
             "`{line}` failed with {}: {}",

@@ -15,7 +15,11 @@ const DEMO_PACKAGE: &str = "tokenmesh-e2e";
 const DEMO_BINARY: &str = "tokenmesh-demo";
 
 #[derive(Parser)]
-#[command(name = "xtask", bin_name = "cargo xtask", about = "Developer and CI tasks for tokenmesh")]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer and CI tasks for tokenmesh"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -72,7 +76,15 @@ fn main() -> Result<()> {
             command::run(
                 Command::new("cargo")
                     .current_dir(&root)
-                    .args(["run", "--release", "-p", DEMO_PACKAGE, "--bin", DEMO_BINARY, "--"])
+                    .args([
+                        "run",
+                        "--release",
+                        "-p",
+                        DEMO_PACKAGE,
+                        "--bin",
+                        DEMO_BINARY,
+                        "--",
+                    ])
                     .args(&demo_args),
             )
         }
@@ -92,11 +104,12 @@ fn workspace_root() -> PathBuf {
 }
 
 fn build(root: &Path) -> Result<()> {
-    command::run(
-        Command::new("cargo")
-            .current_dir(root)
-            .args(["build", "--release", "--workspace", "--bins"]),
-    )
+    command::run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--workspace",
+        "--bins",
+    ]))
 }
 
 /// Fails unless the process runs as root, which the eBPF loads and namespace setup need.
@@ -112,11 +125,12 @@ fn require_root(task: &str) -> Result<()> {
 
 /// Fails with a clear message when the e2e package has no demo binary yet.
 fn ensure_demo_binary(root: &Path) -> Result<()> {
-    let metadata = command::output(
-        Command::new("cargo")
-            .current_dir(root)
-            .args(["metadata", "--no-deps", "--format-version", "1"]),
-    )?;
+    let metadata = command::output(Command::new("cargo").current_dir(root).args([
+        "metadata",
+        "--no-deps",
+        "--format-version",
+        "1",
+    ]))?;
     let metadata: serde_json::Value =
         serde_json::from_str(&metadata).context("failed to parse `cargo metadata` output")?;
     let packages = metadata["packages"].as_array().cloned().unwrap_or_default();

@@ -48,7 +48,13 @@ fn ensure_rust_src(installed: &mut Vec<String>) -> Result<()> {
         return Ok(());
     }
     println!("setup: installing rust-src for the nightly toolchain");
-    command::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    command::run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))?;
     installed.push("rust-src (nightly)".to_owned());
     Ok(())
 }
@@ -75,12 +81,21 @@ fn ensure_bpf_linker(installed: &mut Vec<String>) -> Result<()> {
         .with_context(|| format!("failed to create {}", prefix.display()))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = fs::remove_file(&link);
-    symlink(&library, &link).with_context(|| format!("failed to create the link {}", link.display()))?;
+    symlink(&library, &link)
+        .with_context(|| format!("failed to create the link {}", link.display()))?;
 
-    println!("setup: installing bpf-linker, built against {}", library.display());
+    println!(
+        "setup: installing bpf-linker, built against {}",
+        library.display()
+    );
     let mut install = Command::new("cargo");
     install
-        .args(["install", "bpf-linker", "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix);
     if command::find_program("bpf-linker").is_some() {
@@ -144,7 +159,11 @@ fn ensure_debian_tools(installed: &mut Vec<String>) -> Result<()> {
         );
     }
     println!("setup: installing Debian packages {}", missing.join(" "));
-    command::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    command::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     command::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -163,7 +182,8 @@ fn ensure_idp_packages(root: &Path, installed: &mut Vec<String>) -> Result<()> {
     let Ok(lock_modified) = fs::metadata(&lock).and_then(|metadata| metadata.modified()) else {
         return Ok(());
     };
-    let modules_modified = fs::metadata(dir.join("node_modules")).and_then(|metadata| metadata.modified());
+    let modules_modified =
+        fs::metadata(dir.join("node_modules")).and_then(|metadata| metadata.modified());
     if modules_modified.is_ok_and(|modified| modified >= lock_modified) {
         return Ok(());
     }
@@ -171,7 +191,11 @@ fn ensure_idp_packages(root: &Path, installed: &mut Vec<String>) -> Result<()> {
         bail!("npm is missing: the identity provider in {IDP_DIR} needs Node.js 20 and npm");
     }
     println!("setup: installing the npm packages of {IDP_DIR} (npm ci)");
-    command::run(Command::new("npm").current_dir(&dir).args(["ci", "--no-audit", "--no-fund"]))?;
+    command::run(
+        Command::new("npm")
+            .current_dir(&dir)
+            .args(["ci", "--no-audit", "--no-fund"]),
+    )?;
     installed.push(format!("npm packages of {IDP_DIR}"));
     Ok(())
 }
@@ -182,14 +206,26 @@ mod tests {
 
     #[test]
     fn llvm_version_from_rust_library_name() {
-        assert_eq!(llvm_major_version("libLLVM.so.22.1-rust-1.97.0-nightly"), Some(22));
-        assert_eq!(llvm_major_version("libLLVM.so.19.1-rust-1.84.0-nightly"), Some(19));
+        assert_eq!(
+            llvm_major_version("libLLVM.so.22.1-rust-1.97.0-nightly"),
+            Some(22)
+        );
+        assert_eq!(
+            llvm_major_version("libLLVM.so.19.1-rust-1.84.0-nightly"),
+            Some(19)
+        );
     }
 
     #[test]
     fn llvm_version_rejects_other_files() {
-        assert_eq!(llvm_major_version("libLLVM-22-rust-1.97.0-nightly.so"), None);
-        assert_eq!(llvm_major_version("librustc_driver-b5a965480ee51f9a.so"), None);
+        assert_eq!(
+            llvm_major_version("libLLVM-22-rust-1.97.0-nightly.so"),
+            None
+        );
+        assert_eq!(
+            llvm_major_version("librustc_driver-b5a965480ee51f9a.so"),
+            None
+        );
         assert_eq!(llvm_major_version("libLLVM.so."), None);
     }
 }

@@ -66,14 +66,18 @@ pub fn run_cargo_test(root: &Path, extra_args: &[String]) -> Result<i32> {
         .stdout(Stdio::piped());
     let line = command::display(&cmd);
     println!("+ {line}");
-    let mut child = cmd.spawn().with_context(|| format!("failed to start `{line}`"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("failed to start `{line}`"))?;
 
     let mut totals = Totals::default();
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut pending = Vec::new();
     let mut buffer = [0u8; 8192];
     loop {
-        let count = stdout.read(&mut buffer).context("failed to read the output of cargo test")?;
+        let count = stdout
+            .read(&mut buffer)
+            .context("failed to read the output of cargo test")?;
         if count == 0 {
             break;
         }
@@ -127,9 +131,17 @@ mod tests {
 
     #[test]
     fn closing_line_mentions_skipped_only_when_some_were() {
-        let mut totals = Totals { passed: 7, failed: 1, ignored: 0, suites: 2 };
+        let mut totals = Totals {
+            passed: 7,
+            failed: 1,
+            ignored: 0,
+            suites: 2,
+        };
         assert_eq!(totals.closing_line(), "total: 7 passed, 1 failed");
         totals.ignored = 2;
-        assert_eq!(totals.closing_line(), "total: 7 passed, 1 failed, 2 skipped");
+        assert_eq!(
+            totals.closing_line(),
+            "total: 7 passed, 1 failed, 2 skipped"
+        );
     }
 }
