@@ -13,6 +13,10 @@ use clap::{Parser, Subcommand};
 
 const DEMO_PACKAGE: &str = "tokenmesh-e2e";
 const DEMO_BINARY: &str = "tokenmesh-demo";
+const AGENT_PACKAGE: &str = "tokenmesh-agent";
+const AGENT_BINARY: &str = "tokenmesh-agent";
+/// Environment variable through which the end-to-end tests and the demo find the agent.
+const AGENT_BIN_VAR: &str = "TOKENMESH_AGENT_BIN";
 
 #[derive(Parser)]
 #[command(
@@ -60,19 +64,31 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(&root),
         Task::Build => {
             setup::run(&root)?;
-            build(&root)
+            build_release(&root)
         }
         Task::Test { cargo_args } => {
             require_root("test")?;
             setup::run(&root)?;
-            let code = summary::run_cargo_test(&root, &cargo_args)?;
+            let metadata = Metadata::read(&root)?;
+            // `cargo test` builds only the binaries of packages with integration tests, so
+            // the agent binary that the end-to-end tests start is built here, never stale.
+            command::run(Command::new("cargo").current_dir(&root).args([
+                "build",
+                "-p",
+                AGENT_PACKAGE,
+                "--bin",
+                AGENT_BINARY,
+            ]))?;
+            let agent = metadata.target_dir.join("debug").join(AGENT_BINARY);
+            let code = summary::run_cargo_test(&root, &cargo_args, &agent)?;
             std::process::exit(code);
         }
         Task::Demo { demo_args } => {
             require_root("demo")?;
             setup::run(&root)?;
-            ensure_demo_binary(&root)?;
-            build(&root)?;
+            let metadata = Metadata::read(&root)?;
+            metadata.ensure_demo_binary()?;
+            build_release(&root)?;
             command::run(
                 Command::new("cargo")
                     .current_dir(&root)
@@ -85,7 +101,11 @@ fn main() -> Result<()> {
                         DEMO_BINARY,
                         "--",
                     ])
-                    .args(&demo_args),
+                    .args(&demo_args)
+                    .env(
+                        AGENT_BIN_VAR,
+                        metadata.target_dir.join("release").join(AGENT_BINARY),
+                    ),
             )
         }
         Task::Cleanup { all } => {
@@ -103,7 +123,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn build(root: &Path) -> Result<()> {
+fn build_release(root: &Path) -> Result<()> {
     command::run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",
@@ -123,27 +143,45 @@ fn require_root(task: &str) -> Result<()> {
     Ok(())
 }
 
-/// Fails with a clear message when the e2e package has no demo binary yet.
-fn ensure_demo_binary(root: &Path) -> Result<()> {
-    let metadata = command::output(Command::new("cargo").current_dir(root).args([
-        "metadata",
-        "--no-deps",
-        "--format-version",
-        "1",
-    ]))?;
-    let metadata: serde_json::Value =
-        serde_json::from_str(&metadata).context("failed to parse `cargo metadata` output")?;
-    let packages = metadata["packages"].as_array().cloned().unwrap_or_default();
-    let has_demo = packages
-        .iter()
-        .filter(|package| package["name"] == DEMO_PACKAGE)
-        .flat_map(|package| package["targets"].as_array().cloned().unwrap_or_default())
-        .any(|target| target["name"] == DEMO_BINARY);
-    if !has_demo {
-        bail!(
-            "the demo binary `{DEMO_BINARY}` does not exist yet: package `{DEMO_PACKAGE}` \
-             (tests/e2e) has no bin target of that name"
-        );
+/// The parts of `cargo metadata --no-deps` that xtask uses.
+struct Metadata {
+    target_dir: PathBuf,
+    packages: Vec<serde_json::Value>,
+}
+
+impl Metadata {
+    fn read(root: &Path) -> Result<Metadata> {
+        let output = command::output(Command::new("cargo").current_dir(root).args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+        ]))?;
+        let metadata: serde_json::Value =
+            serde_json::from_str(&output).context("failed to parse `cargo metadata` output")?;
+        let target_dir = metadata["target_directory"]
+            .as_str()
+            .context("`cargo metadata` output has no target_directory")?;
+        Ok(Metadata {
+            target_dir: PathBuf::from(target_dir),
+            packages: metadata["packages"].as_array().cloned().unwrap_or_default(),
+        })
     }
-    Ok(())
+
+    /// Fails with a clear message when the e2e package has no demo binary yet.
+    fn ensure_demo_binary(&self) -> Result<()> {
+        let has_demo = self
+            .packages
+            .iter()
+            .filter(|package| package["name"] == DEMO_PACKAGE)
+            .flat_map(|package| package["targets"].as_array().cloned().unwrap_or_default())
+            .any(|target| target["name"] == DEMO_BINARY);
+        if !has_demo {
+            bail!(
+                "the demo binary `{DEMO_BINARY}` does not exist yet: package `{DEMO_PACKAGE}` \
+                 (tests/e2e) has no bin target of that name"
+            );
+        }
+        Ok(())
+    }
 }

@@ -55,14 +55,15 @@ impl Totals {
     }
 }
 
-/// Runs `cargo test --workspace --no-fail-fast` with `extra_args`, passing its output
-/// through, and returns the exit code for xtask: 0 only when cargo succeeded and at
-/// least one test ran or a filter in `extra_args` may have selected none.
-pub fn run_cargo_test(root: &Path, extra_args: &[String]) -> Result<i32> {
+/// Runs `cargo test --workspace --no-fail-fast` with `extra_args` and the agent binary at
+/// `agent`, passing its output through. Returns the exit code for xtask: 0 only when cargo
+/// succeeded and at least one test ran, or `extra_args` may have filtered every test out.
+pub fn run_cargo_test(root: &Path, extra_args: &[String], agent: &Path) -> Result<i32> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra_args)
+        .env(crate::AGENT_BIN_VAR, agent)
         .stdout(Stdio::piped());
     let line = command::display(&cmd);
     println!("+ {line}");
