@@ -1,1 +1,91 @@
-fn main() {}
+//! `tokenmesh-agent`: the node agent's command line.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tokenmesh_agent::{config::Config, run, steering};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "tokenmesh-agent",
+    version,
+    about = "OAuth 2.0 for every pod on the node, steered by eBPF"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until SIGINT or SIGTERM.
+    Run {
+        /// The agent's YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and its workloads file, print every problem, and exit.
+    CheckConfig {
+        /// The YAML configuration file to check.
+        file: PathBuf,
+    },
+    /// Detach the eBPF programs and remove the pins an agent left in place on exit.
+    Uninstall {
+        /// The configuration whose `steering.bpffs_dir` is cleaned.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let env = |name: &str| std::env::var(name).ok();
+    let result = match cli.command {
+        Command::Run { config } => Config::load(&config, &env)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| tokio::runtime::Runtime::new()?.block_on(run::run(config))),
+        Command::CheckConfig { file } => check_config(&file, &env),
+        Command::Uninstall { config } => Config::load(&config, &env)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| {
+                steering::uninstall(&config.steering.bpffs_dir)?;
+                println!(
+                    "removed tokenmesh programs and pins under {}",
+                    config.steering.bpffs_dir.display()
+                );
+                Ok(())
+            }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(
+    file: &std::path::Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<()> {
+    let config = Config::load(file, env)?;
+    let cgroup_mount =
+        steering::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
+    let pods = run::load_pods(&config, &cgroup_mount)?;
+    println!(
+        "{}: valid ({} plugins, {} pods in {})",
+        file.display(),
+        config.plugins.len(),
+        pods.len(),
+        config.workloads_file.display()
+    );
+    Ok(())
+}

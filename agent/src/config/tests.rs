@@ -51,7 +51,10 @@ fn problems(text: &str) -> Vec<Problem> {
 #[test]
 fn valid_file_parses_with_defaults() {
     let config = parse(VALID).unwrap();
-    assert_eq!(config.workloads_file, Path::new("/etc/tokenmesh/workloads.yaml"));
+    assert_eq!(
+        config.workloads_file,
+        Path::new("/etc/tokenmesh/workloads.yaml")
+    );
     assert_eq!(config.audit.path, Path::new("/etc/tokenmesh/audit.jsonl"));
     assert_eq!(config.steering.outbound_port, 15001);
     assert_eq!(config.steering.inbound_port, 15006);
@@ -78,10 +81,16 @@ fn debug_output_hides_secrets() {
 
 #[test]
 fn unknown_key_names_line() {
-    let text = VALID.replace("  intercept_ports: [8080]", "  intercept_ports: [8080]\n  colour: red");
+    let text = VALID.replace(
+        "  intercept_ports: [8080]",
+        "  intercept_ports: [8080]\n  colour: red",
+    );
     let found = problems(&text);
     assert_eq!(found.len(), 1);
-    assert!(found[0].message.contains("unknown field `colour`"), "{found:?}");
+    assert!(
+        found[0].message.contains("unknown field `colour`"),
+        "{found:?}"
+    );
     assert!(found[0].message.contains("line 7"), "{found:?}");
 }
 
@@ -93,7 +102,10 @@ fn bad_cidr_named_with_key_and_value() {
     assert_eq!(found[0].key, "plugins[1].parameters.allowed_cidrs[0]");
     assert!(found[0].message.contains("\"10.0.0.2/33\""), "{found:?}");
     assert_eq!(found[1].key, "plugins[1].parameters.allowed_cidrs[1]");
-    assert!(found[1].message.contains("did you mean 10.0.0.0/24"), "{found:?}");
+    assert!(
+        found[1].message.contains("did you mean 10.0.0.0/24"),
+        "{found:?}"
+    );
 }
 
 #[test]
@@ -101,8 +113,14 @@ fn missing_secret_file_named() {
     let text = VALID.replace("${ECHO_SECRET}", "file:/nonexistent/echo-secret");
     let found = problems(&text);
     assert_eq!(found.len(), 1);
-    assert_eq!(found[0].key, "plugins[1].parameters.introspection_client_secret");
-    assert!(found[0].message.contains("/nonexistent/echo-secret"), "{found:?}");
+    assert_eq!(
+        found[0].key,
+        "plugins[1].parameters.introspection_client_secret"
+    );
+    assert!(
+        found[0].message.contains("/nonexistent/echo-secret"),
+        "{found:?}"
+    );
 }
 
 #[test]
@@ -122,7 +140,10 @@ fn every_problem_reported_at_once() {
         ]
     );
     let shown = error.to_string();
-    assert!(shown.starts_with("invalid config file /etc/tokenmesh/agent.yaml: 3 problems"), "{shown}");
+    assert!(
+        shown.starts_with("invalid config file /etc/tokenmesh/agent.yaml: 3 problems"),
+        "{shown}"
+    );
     assert!(shown.contains("UNSET_VAR"), "{shown}");
 }
 
@@ -135,7 +156,11 @@ fn creator_parameter_on_validator_rejected() {
     let found = problems(&text);
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].key, "plugins[1].parameters.scopes");
-    assert!(found[0].message.contains("does not apply to a token-validator"));
+    assert!(
+        found[0]
+            .message
+            .contains("does not apply to a token-validator")
+    );
 }
 
 #[test]
@@ -180,4 +205,26 @@ fn equal_listener_ports_rejected() {
     let found = problems(&text);
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].key, "steering.inbound_port");
+}
+
+#[test]
+fn shipped_example_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("frontend");
+    std::fs::write(&secret, "example\n").unwrap();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/agent.yaml");
+    let text = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("/etc/tokenmesh/secrets/frontend", secret.to_str().unwrap());
+    let env = |name: &str| (name == "ECHO_VALIDATOR_SECRET").then(|| "s".to_string());
+    let config = Config::parse(&text, Path::new(example), &env).unwrap();
+    assert_eq!(config.plugins.len(), 2);
+    assert_eq!(config.steering.intercept_ports, [8080]);
+
+    let workloads = config.workloads_file.clone();
+    let pods = crate::workloads::load_file(&workloads, Path::new("/sys/fs/cgroup")).unwrap();
+    assert_eq!(pods.len(), 2);
+    let policy = crate::policy::PodPolicy::for_pod(&config.plugins, &pods[1]);
+    assert_eq!(policy.validator.unwrap().plugin_id, "echo-validator");
+    assert!(policy.creator.is_none());
 }

@@ -15,7 +15,14 @@ pub enum Protocol {
 }
 
 const METHODS: [&[u8]; 9] = [
-    b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"TRACE ",
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"CONNECT ",
+    b"OPTIONS ",
+    b"TRACE ",
     b"PATCH ",
 ];
 
@@ -30,7 +37,11 @@ pub fn classify(head: &[u8]) -> Option<Protocol> {
             undecided = true;
         }
     }
-    if undecided { None } else { Some(Protocol::Other) }
+    if undecided {
+        None
+    } else {
+        Some(Protocol::Other)
+    }
 }
 
 /// Peeks at `stream` until its protocol is known, the peer closes, or `timeout` passes.
@@ -87,7 +98,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        assert_eq!(sniff(&server, Duration::from_millis(50)).await, Protocol::Other);
+        assert_eq!(
+            sniff(&server, Duration::from_millis(50)).await,
+            Protocol::Other
+        );
     }
 
     #[tokio::test]
@@ -103,7 +117,10 @@ mod tests {
             client.write_all(b"ST / HTTP/1.1\r\n").await.unwrap();
             client
         });
-        assert_eq!(sniff(&server, Duration::from_secs(2)).await, Protocol::Http1);
+        assert_eq!(
+            sniff(&server, Duration::from_secs(2)).await,
+            Protocol::Http1
+        );
         drop(writer.await.unwrap());
     }
 }

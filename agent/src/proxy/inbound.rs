@@ -26,7 +26,12 @@ use crate::{
 };
 
 /// Serves one connection that sk_lookup steered to a pod's inbound listener.
-pub async fn serve(shared: Arc<Shared>, runtime: Arc<PodRuntime>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    runtime: Arc<PodRuntime>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let Some(validator) = runtime.policy.validator.clone() else {
         return;
     };
@@ -36,7 +41,9 @@ pub async fn serve(shared: Arc<Shared>, runtime: Arc<PodRuntime>, stream: TcpStr
     // The app listens inside the pod; loopback is never steered, so this reaches it.
     let app = SocketAddr::from((Ipv4Addr::LOCALHOST, original.port()));
 
-    if detect::sniff(&stream, shared.settings.protocol_detect_timeout).await != detect::Protocol::Http1 {
+    if detect::sniff(&stream, shared.settings.protocol_detect_timeout).await
+        != detect::Protocol::Http1
+    {
         let mut event = flow_event(Direction::Inbound, peer, original);
         event.source_pod = shared.pod_name(peer.ip());
         event.destination_pod = Some(runtime.pod.identity.to_string());
@@ -62,7 +69,10 @@ pub async fn serve(shared: Arc<Shared>, runtime: Arc<PodRuntime>, stream: TcpStr
         let upstream = upstream.clone();
         let validator = validator.clone();
         async move {
-            let response = handle(&shared, &runtime, &validator, &upstream, peer, original, request).await;
+            let response = handle(
+                &shared, &runtime, &validator, &upstream, peer, original, request,
+            )
+            .await;
             Ok::<_, Infallible>(response)
         }
     });
@@ -91,7 +101,14 @@ async fn handle(
     event.path = Some(request.uri().path().to_string());
     event.plugin = Some(validator.plugin_id.clone());
 
-    let accepted = match check(validator, &shared.introspector, request.headers(), peer.ip()).await {
+    let accepted = match check(
+        validator,
+        &shared.introspector,
+        request.headers(),
+        peer.ip(),
+    )
+    .await
+    {
         Ok(accepted) => accepted,
         Err(denial) => {
             event.client_id = denial.client_id.clone();
@@ -120,7 +137,10 @@ async fn handle(
             tracing::debug!(pod = %runtime.pod.identity, error = %e, "app unreachable");
             let response = respond::text(
                 http::StatusCode::BAD_GATEWAY,
-                format!("tokenmesh: the app of pod {} is unreachable: {e}\n", runtime.pod.identity),
+                format!(
+                    "tokenmesh: the app of pod {} is unreachable: {e}\n",
+                    runtime.pod.identity
+                ),
             );
             event.status = Some(response.status().as_u16());
             event.finish(Decision::Error, "app_unavailable", started.elapsed());
@@ -132,7 +152,11 @@ async fn handle(
 
 /// Removes the token (when configured) and any client id header the caller sent, then
 /// sets the client id the agent proved.
-fn prepare_for_app(validator: &ValidatorSettings, accepted: &Accepted, request: &mut Request<Incoming>) {
+fn prepare_for_app(
+    validator: &ValidatorSettings,
+    accepted: &Accepted,
+    request: &mut Request<Incoming>,
+) {
     let headers = request.headers_mut();
     if validator.remove_token_header {
         headers.remove(&validator.header.name);

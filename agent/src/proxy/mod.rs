@@ -62,13 +62,17 @@ pub struct PodRuntime {
 /// Why a pod's listeners could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum PodSetupError {
-    #[error("cannot open network namespace {path} of pod {pod}: {source}; check the netns path in the workloads file")]
+    #[error(
+        "cannot open network namespace {path} of pod {pod}: {source}; check the netns path in the workloads file"
+    )]
     Netns {
         pod: PodIdentity,
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr} inside pod {pod}: {source}; is another process using the port?")]
+    #[error(
+        "cannot listen on {addr} inside pod {pod}: {source}; is another process using the port?"
+    )]
     Listen {
         pod: PodIdentity,
         addr: SocketAddr,
@@ -129,11 +133,7 @@ pub async fn start_pod(
         _ => None,
     };
 
-    let runtime = Arc::new(PodRuntime {
-        pod,
-        policy,
-        netns,
-    });
+    let runtime = Arc::new(PodRuntime { pod, policy, netns });
     if let Some(listener) = &inbound_listener {
         shared
             .steering
@@ -169,9 +169,7 @@ fn spawn_accept_loop<F, Fut>(
     listener: TcpListener,
     serve: F,
 ) where
-    F: Fn(Arc<Shared>, Arc<PodRuntime>, tokio::net::TcpStream, SocketAddr) -> Fut
-        + Send
-        + 'static,
+    F: Fn(Arc<Shared>, Arc<PodRuntime>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let shared = shared.clone();

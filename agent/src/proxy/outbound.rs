@@ -24,7 +24,12 @@ use crate::{
 };
 
 /// Serves one connection accepted on a pod's outbound listener.
-pub async fn serve(shared: Arc<Shared>, runtime: Arc<PodRuntime>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(
+    shared: Arc<Shared>,
+    runtime: Arc<PodRuntime>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let Some(original) = shared
         .steering
         .take_original_dst(runtime.netns.cookie(), peer.port())
@@ -37,7 +42,9 @@ pub async fn serve(shared: Arc<Shared>, runtime: Arc<PodRuntime>, stream: TcpStr
     let destination = SocketAddr::V4(original);
     let source = SocketAddr::from((runtime.pod.ip, peer.port()));
 
-    if detect::sniff(&stream, shared.settings.protocol_detect_timeout).await != detect::Protocol::Http1 {
+    if detect::sniff(&stream, shared.settings.protocol_detect_timeout).await
+        != detect::Protocol::Http1
+    {
         let mut event = flow_event(Direction::Outbound, source, destination);
         event.source_pod = Some(runtime.pod.identity.to_string());
         event.destination_pod = shared.pod_name(destination.ip());
@@ -94,7 +101,11 @@ async fn handle(
         }
     }
 
-    let reason = if runtime.policy.creator.is_some() { "token_added" } else { "no_token_creator" };
+    let reason = if runtime.policy.creator.is_some() {
+        "token_added"
+    } else {
+        "no_token_creator"
+    };
     match upstream.send(request).await {
         Ok(response) => {
             event.status = Some(response.status().as_u16());
@@ -104,10 +115,7 @@ async fn handle(
         }
         Err(e) => {
             tracing::debug!(pod = %runtime.pod.identity, error = %e, "outbound request failed");
-            let response = respond::text(
-                StatusCode::BAD_GATEWAY,
-                format!("tokenmesh: {e}\n"),
-            );
+            let response = respond::text(StatusCode::BAD_GATEWAY, format!("tokenmesh: {e}\n"));
             event.status = Some(response.status().as_u16());
             event.finish(Decision::Error, "upstream_unavailable", started.elapsed());
             shared.audit.record(&event);

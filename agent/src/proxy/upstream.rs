@@ -22,7 +22,10 @@ pub enum UpstreamError {
         source: std::io::Error,
     },
     #[error("HTTP exchange with {addr} failed: {source}")]
-    Http { addr: SocketAddr, source: hyper::Error },
+    Http {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
 }
 
 /// Opens a TCP connection to `addr` from a socket made in `netns`.
@@ -65,12 +68,11 @@ impl HttpUpstream {
         }
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// Sends `request` and returns the response head; the body streams afterwards.
-    pub async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let mut slot = self.sender.lock().await;
         let reusable = slot.as_ref().is_some_and(|sender| !sender.is_closed());
         if !reusable {

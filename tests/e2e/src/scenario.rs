@@ -260,13 +260,16 @@ plugins:
             .arg(&self.config_path)
             .env("ECHO_VALIDATOR_SECRET", "validator-secret")
             .env("RUST_LOG", "info,tokenmesh_agent=debug");
-        let agent = ChildGuard::spawn(command, "agent", self.dir.path())?;
-        self.agent = Some(agent);
+        let mut agent = ChildGuard::spawn(command, "agent", self.dir.path())?;
         let admin = self.admin;
+        let mut exited = false;
         let ready = wait_until(Duration::from_secs(20), "agent /readyz", || {
-            http_get_status(admin, "/readyz").is_ok_and(|status| status == 200)
+            exited = agent.ensure_running().is_err();
+            exited || http_get_status(admin, "/readyz").is_ok_and(|status| status == 200)
         });
-        if let Err(e) = ready {
+        self.agent = Some(agent);
+        if exited || ready.is_err() {
+            let e = ready.err().map_or("the agent exited".to_string(), |e| e.to_string());
             let log = self.agent_log();
             bail!("{e}\nagent log:\n{log}");
         }
