@@ -66,7 +66,8 @@ fn main() -> Result<()> {
             setup::run(&root)?;
             build_release(&root)
         }
-        Task::Test { cargo_args } => {
+        Task::Test { .. } => {
+            let cargo_args = args_after_task("test");
             require_root("test")?;
             setup::run(&root)?;
             let metadata = Metadata::read(&root)?;
@@ -83,7 +84,8 @@ fn main() -> Result<()> {
             let code = summary::run_cargo_test(&root, &cargo_args, &agent)?;
             std::process::exit(code);
         }
-        Task::Demo { demo_args } => {
+        Task::Demo { .. } => {
+            let demo_args = args_after_task("demo");
             require_root("demo")?;
             setup::run(&root)?;
             let metadata = Metadata::read(&root)?;
@@ -113,6 +115,12 @@ fn main() -> Result<()> {
             cleanup::run(all)
         }
     }
+}
+
+/// Returns the command-line arguments after the task name, as given. clap drops a leading
+/// `--`, which `cargo xtask test -- --nocapture` needs to pass on to `cargo test`.
+fn args_after_task(task: &str) -> Vec<String> {
+    std::env::args().skip(1).skip_while(|arg| arg != task).skip(1).collect()
 }
 
 fn workspace_root() -> PathBuf {
