@@ -120,7 +120,11 @@ fn main() -> Result<()> {
 /// Returns the command-line arguments after the task name, as given. clap drops a leading
 /// `--`, which `cargo xtask test -- --nocapture` needs to pass on to `cargo test`.
 fn args_after_task(task: &str) -> Vec<String> {
-    std::env::args().skip(1).skip_while(|arg| arg != task).skip(1).collect()
+    std::env::args()
+        .skip(1)
+        .skip_while(|arg| arg != task)
+        .skip(1)
+        .collect()
 }
 
 fn workspace_root() -> PathBuf {
