@@ -170,6 +170,11 @@ fn ensure_debian_tools(installed: &mut Vec<String>) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
+    for (program, package) in DEBIAN_TOOLS {
+        if command::find_program(program).is_none() {
+            bail!("`{program}` is still not on PATH after installing the Debian package {package}");
+        }
+    }
     installed.extend(missing.iter().map(|package| package.to_string()));
     Ok(())
 }
