@@ -1,0 +1,275 @@
+//! Token introspection (RFC 7662): the inbound proxy sends the identity provider a request
+//! to learn whether a presented access token is active, authenticating as its own
+//! validator client.
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+
+use super::error_response::OAuthError;
+use super::exchange::{self, ClientAuth, ExchangeError};
+use super::{ClientAuthMethod, ClientId, token_fingerprint};
+use crate::config::secret::Secret;
+
+/// The introspection endpoint and the validator client that calls it.
+#[derive(Clone, Debug)]
+pub struct IntrospectionEndpoint {
+    /// URL of the identity provider's introspection endpoint.
+    pub url: String,
+    /// The validator's own client id, not the id of the client that owns the token.
+    pub client_id: ClientId,
+    pub client_secret: Secret,
+    pub auth_method: ClientAuthMethod,
+}
+
+/// The introspection response of RFC 7662 section 2.2. Members other than `active` are
+/// optional, and an inactive token usually carries none of them.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Introspection {
+    pub active: bool,
+    /// Space-separated scopes granted to the token.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Client the token was issued to.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub token_type: Option<String>,
+    /// Expiry, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub exp: Option<u64>,
+    /// Issue time, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub iat: Option<u64>,
+    /// Time before which the token must not be accepted, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub nbf: Option<u64>,
+    #[serde(default)]
+    pub sub: Option<String>,
+    /// Audiences. The response may carry one string or an array, both become a list.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub aud: Vec<String>,
+    #[serde(default)]
+    pub iss: Option<String>,
+    #[serde(default)]
+    pub jti: Option<String>,
+}
+
+impl Introspection {
+    /// Returns the granted scopes, one item per space-separated scope.
+    pub fn scopes(&self) -> impl Iterator<Item = &str> {
+        self.scope.as_deref().unwrap_or("").split_whitespace()
+    }
+
+    /// Checks that every scope in `required` was granted. Returns true for an empty
+    /// `required`.
+    pub fn has_scopes(&self, required: &[String]) -> bool {
+        required
+            .iter()
+            .all(|needed| self.scopes().any(|granted| granted == needed))
+    }
+}
+
+fn one_or_many<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    Ok(match serde::Deserialize::deserialize(deserializer)? {
+        OneOrMany::One(audience) => vec![audience],
+        OneOrMany::Many(audiences) => audiences,
+    })
+}
+
+/// Failure of an introspection request. Messages name the URL and the
+/// validator client, never its secret or the token.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum IntrospectionError {
+    #[error(
+        "introspection request to {url} as client {client_id} failed: {kind}; check the URL \
+         and that the identity provider is reachable from the node"
+    )]
+    Transport {
+        url: String,
+        client_id: ClientId,
+        kind: &'static str,
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
+    #[error(
+        "introspection endpoint {url} rejected client {client_id} with HTTP {status}: {error}; {}",
+        .error.hint()
+    )]
+    Rejected {
+        url: String,
+        client_id: ClientId,
+        status: StatusCode,
+        error: OAuthError,
+    },
+    #[error(
+        "introspection endpoint {url} sent client {client_id} an invalid response (HTTP \
+         {status}): {reason}; check that the URL is the provider's introspection endpoint"
+    )]
+    InvalidResponse {
+        url: String,
+        client_id: ClientId,
+        status: StatusCode,
+        reason: String,
+    },
+}
+
+impl IntrospectionError {
+    fn from_exchange(endpoint: &IntrospectionEndpoint, failure: ExchangeError) -> Self {
+        let url = endpoint.url.clone();
+        let client_id = endpoint.client_id.clone();
+        match failure {
+            ExchangeError::Transport { kind, source } => IntrospectionError::Transport {
+                url,
+                client_id,
+                kind,
+                source: Arc::new(source),
+            },
+            ExchangeError::Rejected { status, error } => IntrospectionError::Rejected {
+                url,
+                client_id,
+                status,
+                error,
+            },
+            ExchangeError::NotOAuthError { status } => IntrospectionError::InvalidResponse {
+                url,
+                client_id,
+                status,
+                reason: "the body is not an OAuth error response".to_string(),
+            },
+        }
+    }
+}
+
+/// Sends introspection requests. Cloning shares the HTTP connection pool.
+// NOTE: results are not cached, so every call sends one request to the provider. A JWT
+// access token is not checked here either, because oidc-provider rejects its introspection.
+#[derive(Clone)]
+pub struct Introspector {
+    http: reqwest::Client,
+}
+
+impl Introspector {
+    /// Creates an introspector that sends its requests with `http`. Timeouts are those
+    /// configured on `http`.
+    pub fn new(http: reqwest::Client) -> Self {
+        Introspector { http }
+    }
+
+    /// Sends an introspection request for `token` to `endpoint`. An unknown, expired or
+    /// revoked token is not an error: it returns an [`Introspection`] with `active: false`.
+    pub async fn introspect(
+        &self,
+        endpoint: &IntrospectionEndpoint,
+        token: &str,
+    ) -> Result<Introspection, IntrospectionError> {
+        let form = vec![
+            ("token", token.to_string()),
+            ("token_type_hint", "access_token".to_string()),
+        ];
+        let client = ClientAuth {
+            id: &endpoint.client_id,
+            secret: &endpoint.client_secret,
+            method: endpoint.auth_method,
+        };
+        let body = exchange::post_form(&self.http, &endpoint.url, form, client)
+            .await
+            .map_err(|failure| IntrospectionError::from_exchange(endpoint, failure))?;
+
+        let introspection =
+            parse_introspection(&body).map_err(|reason| IntrospectionError::InvalidResponse {
+                url: endpoint.url.clone(),
+                client_id: endpoint.client_id.clone(),
+                status: StatusCode::OK,
+                reason,
+            })?;
+        tracing::debug!(
+            client.id = %endpoint.client_id,
+            token.fingerprint = %token_fingerprint(token),
+            token.active = introspection.active,
+            token.client_id = introspection.client_id.as_deref().unwrap_or(""),
+            "token introspected"
+        );
+        Ok(introspection)
+    }
+}
+
+fn parse_introspection(body: &[u8]) -> Result<Introspection, String> {
+    serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not an introspection response ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_response_parses() {
+        let body = br#"{"active":true,"client_id":"frontend","exp":1796414909,"iat":1796414609,
+            "iss":"http://127.0.0.1:1","aud":"urn:tokenmesh:mesh","scope":"read admin",
+            "token_type":"Bearer"}"#;
+        let introspection = parse_introspection(body).unwrap();
+        assert!(introspection.active);
+        assert_eq!(introspection.client_id.as_deref(), Some("frontend"));
+        assert_eq!(introspection.exp, Some(1796414909));
+        assert_eq!(introspection.aud, vec!["urn:tokenmesh:mesh".to_string()]);
+        assert_eq!(
+            introspection.scopes().collect::<Vec<_>>(),
+            ["read", "admin"]
+        );
+    }
+
+    #[test]
+    fn audience_array_parses() {
+        let body = br#"{"active":true,"aud":["a","b"]}"#;
+        let introspection = parse_introspection(body).unwrap();
+        assert_eq!(introspection.aud, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn inactive_response_parses() {
+        let introspection = parse_introspection(br#"{"active":false}"#).unwrap();
+        assert!(!introspection.active);
+        assert!(introspection.aud.is_empty());
+        assert_eq!(introspection.scopes().count(), 0);
+    }
+
+    #[test]
+    fn missing_active_rejected() {
+        let reason = parse_introspection(br#"{"client_id":"frontend"}"#).unwrap_err();
+        assert!(reason.contains("active"), "{reason}");
+        assert!(parse_introspection(b"<html></html>").is_err());
+    }
+
+    #[test]
+    fn has_scopes_requires_all() {
+        let introspection =
+            parse_introspection(br#"{"active":true,"scope":"read admin"}"#).unwrap();
+        let scopes = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(introspection.has_scopes(&scopes(&[])));
+        assert!(introspection.has_scopes(&scopes(&["admin"])));
+        assert!(introspection.has_scopes(&scopes(&["read", "admin"])));
+        assert!(!introspection.has_scopes(&scopes(&["read", "write"])));
+        // A scope is matched whole, never as a prefix of a granted one.
+        assert!(!introspection.has_scopes(&scopes(&["adm"])));
+    }
+
+    #[test]
+    fn has_scopes_without_scope_member() {
+        let introspection = parse_introspection(br#"{"active":true}"#).unwrap();
+        assert!(introspection.has_scopes(&[]));
+        assert!(!introspection.has_scopes(&["read".to_string()]));
+    }
+}
