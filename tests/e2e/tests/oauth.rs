@@ -1,0 +1,538 @@
+//! The agent's OAuth client against a real identity provider (oidc-provider on Node.js,
+//! started per test on 127.0.0.1).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokenmesh_agent::config::secret::Secret;
+use tokenmesh_agent::oauth::introspect::{IntrospectionEndpoint, IntrospectionError, Introspector};
+use tokenmesh_agent::oauth::token::{ClientCredentials, TokenError, TokenSource};
+use tokenmesh_agent::oauth::{ClientAuthMethod, ClientId};
+use tokenmesh_e2e::idp::{Idp, IdpClient, IdpConfig, TokenFormat};
+
+const FRONTEND_SECRET: &str = "frontend-s3cret:with+reserved/chars=&%";
+const VALIDATOR_SECRET: &str = "validator-s3cret";
+const SKEW: Duration = Duration::from_secs(30);
+
+fn clients() -> Vec<IdpClient> {
+    let mut poster = IdpClient::new("poster", "poster-s3cret", "read");
+    poster.token_endpoint_auth_method = Some("client_secret_post".into());
+    vec![
+        IdpClient::new("frontend", FRONTEND_SECRET, "admin read"),
+        IdpClient::new("reader", "reader-s3cret", "read"),
+        IdpClient::new("validator", VALIDATOR_SECRET, "introspect"),
+        poster,
+    ]
+}
+
+fn start_idp(config: IdpConfig) -> Idp {
+    Idp::start(&config).expect("identity provider starts")
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn frontend(idp: &Idp, scopes: &[&str]) -> ClientCredentials {
+    ClientCredentials {
+        token_endpoint: idp.token_endpoint(),
+        client_id: ClientId("frontend".into()),
+        client_secret: Secret::new(FRONTEND_SECRET, "test"),
+        auth_method: ClientAuthMethod::ClientSecretBasic,
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn validator(idp: &Idp) -> IntrospectionEndpoint {
+    IntrospectionEndpoint {
+        url: idp.introspection_endpoint(),
+        client_id: ClientId("validator".into()),
+        client_secret: Secret::new(VALIDATOR_SECRET, "test"),
+        auth_method: ClientAuthMethod::ClientSecretBasic,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn token_introspects_active_for_validator() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let tokens = TokenSource::new(http(), SKEW);
+    let introspector = Introspector::new(http());
+
+    let token = tokens
+        .token(&frontend(&idp, &["read", "admin"]))
+        .await
+        .unwrap();
+    let result = introspector
+        .introspect(&validator(&idp), token.secret())
+        .await
+        .unwrap();
+
+    assert!(result.active, "{result:?}");
+    assert_eq!(result.client_id.as_deref(), Some("frontend"));
+    let mut scopes: Vec<&str> = result.scopes().collect();
+    scopes.sort();
+    assert_eq!(scopes, ["admin", "read"]);
+    assert!(result.has_scopes(&["admin".to_string()]));
+    assert!(!result.has_scopes(&["introspect".to_string()]));
+    assert_eq!(result.iss.as_deref(), Some(idp.base_url()));
+    assert_eq!(result.aud, ["urn:tokenmesh:mesh"]);
+    let exp = result.exp.expect("exp is present");
+    assert!(
+        exp > unix_now() + 250 && exp <= unix_now() + 301,
+        "exp {exp}"
+    );
+
+    let stats = idp.stats().await.unwrap();
+    assert_eq!(stats.token_requests, 1);
+    assert_eq!(stats.introspection_requests, 1);
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_one_request() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let tokens = TokenSource::new(http(), SKEW);
+    let creds = Arc::new(frontend(&idp, &["read"]));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let tokens = tokens.clone();
+        let creds = creds.clone();
+        tasks.spawn(async move { tokens.token(&creds).await });
+    }
+    let mut values = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        values.push(joined.unwrap().unwrap().secret().to_string());
+    }
+
+    assert_eq!(values.len(), 50);
+    assert!(values.iter().all(|value| *value == values[0]));
+    assert_eq!(idp.stats().await.unwrap().token_requests, 1);
+
+    // Later calls, with the scopes in another order, use the cached token as well.
+    let again = tokens
+        .token(&frontend(&idp, &["read", "read"]))
+        .await
+        .unwrap();
+    assert_eq!(again.secret(), values[0]);
+    assert_eq!(idp.stats().await.unwrap().token_requests, 1);
+}
+
+#[tokio::test]
+async fn different_scopes_get_different_tokens() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let tokens = TokenSource::new(http(), SKEW);
+
+    let read = tokens.token(&frontend(&idp, &["read"])).await.unwrap();
+    let admin = tokens.token(&frontend(&idp, &["admin"])).await.unwrap();
+
+    assert_ne!(read.secret(), admin.secret());
+    assert_eq!(read.scope(), Some("read"));
+    assert_eq!(admin.scope(), Some("admin"));
+    assert_eq!(idp.stats().await.unwrap().token_requests, 2);
+}
+
+#[tokio::test]
+async fn wrong_secret_names_client_and_error() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let tokens = TokenSource::new(http(), SKEW);
+    let mut creds = frontend(&idp, &["read"]);
+    creds.client_secret = Secret::new("wrong-secret-value", "test");
+
+    let err = tokens.token(&creds).await.unwrap_err();
+    let message = err.to_string();
+
+    match &err {
+        TokenError::Rejected { status, error, .. } => {
+            assert_eq!(status.as_u16(), 401);
+            assert_eq!(error.error, "invalid_client");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert!(message.contains("frontend"), "{message}");
+    assert!(message.contains("invalid_client"), "{message}");
+    assert!(message.contains(&idp.token_endpoint()), "{message}");
+    assert!(!message.contains("wrong-secret-value"), "{message}");
+    assert!(!format!("{err:?}").contains("wrong-secret-value"));
+
+    // Errors are not cached, so the next call sends another token request.
+    tokens.token(&creds).await.unwrap_err();
+    assert_eq!(idp.stats().await.unwrap().token_requests, 2);
+}
+
+#[tokio::test]
+async fn disallowed_scope_is_invalid_scope() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let tokens = TokenSource::new(http(), SKEW);
+    let creds = ClientCredentials {
+        token_endpoint: idp.token_endpoint(),
+        client_id: ClientId("reader".into()),
+        client_secret: Secret::new("reader-s3cret", "test"),
+        auth_method: ClientAuthMethod::ClientSecretBasic,
+        scopes: vec!["admin".into()],
+    };
+
+    let err = tokens.token(&creds).await.unwrap_err();
+    let message = err.to_string();
+
+    assert!(
+        matches!(&err, TokenError::Rejected { error, .. } if error.error == "invalid_scope"),
+        "{message}"
+    );
+    assert!(message.contains("reader"), "{message}");
+}
+
+#[tokio::test]
+async fn garbage_token_is_inactive() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let introspector = Introspector::new(http());
+
+    for token in ["garbage", "AlU4duIhnuoNPbIzYTcwm-nw4bqvqCHq9KPC6Kvbbhd"] {
+        let result = introspector
+            .introspect(&validator(&idp), token)
+            .await
+            .unwrap();
+        assert!(!result.active, "{token}: {result:?}");
+        assert_eq!(result.client_id, None);
+    }
+    assert_eq!(idp.stats().await.unwrap().introspection_requests, 2);
+}
+
+#[tokio::test]
+async fn revoked_token_is_inactive() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let tokens = TokenSource::new(http(), SKEW);
+    let introspector = Introspector::new(http());
+    let creds = frontend(&idp, &["read"]);
+    let token = tokens.token(&creds).await.unwrap();
+
+    // RFC 7009 revocation by the owning client, with the same form-urlencoded Basic
+    // credentials the agent sends.
+    let response = http()
+        .post(idp.revocation_endpoint())
+        .basic_auth(
+            "frontend",
+            Some("frontend-s3cret%3Awith%2Breserved%2Fchars%3D%26%25"),
+        )
+        .form(&[
+            ("token", token.secret()),
+            ("token_type_hint", "access_token"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let result = introspector
+        .introspect(&validator(&idp), token.secret())
+        .await
+        .unwrap();
+    assert!(!result.active, "{result:?}");
+    assert_eq!(idp.stats().await.unwrap().revocation_requests, 1);
+
+    // After invalidation the source requests a new token, which is active.
+    tokens.invalidate(&creds).await;
+    let fresh = tokens.token(&creds).await.unwrap();
+    assert_ne!(fresh.secret(), token.secret());
+    let result = introspector
+        .introspect(&validator(&idp), fresh.secret())
+        .await
+        .unwrap();
+    assert!(result.active, "{result:?}");
+    assert_eq!(idp.stats().await.unwrap().token_requests, 2);
+}
+
+#[tokio::test]
+async fn basic_and_post_auth_both_work() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let tokens = TokenSource::new(http(), SKEW);
+    let introspector = Introspector::new(http());
+
+    // client_secret_basic, with a secret that needs form-urlencoding.
+    let basic = tokens.token(&frontend(&idp, &["read"])).await.unwrap();
+    let stats = idp.stats().await.unwrap();
+    assert_eq!(stats.token_requests, 1);
+    assert_eq!(stats.basic_auth_requests, 1);
+
+    // client_secret_post sends no Authorization header.
+    let poster = ClientCredentials {
+        token_endpoint: idp.token_endpoint(),
+        client_id: ClientId("poster".into()),
+        client_secret: Secret::new("poster-s3cret", "test"),
+        auth_method: ClientAuthMethod::ClientSecretPost,
+        scopes: vec!["read".into()],
+    };
+    let posted = tokens.token(&poster).await.unwrap();
+    let stats = idp.stats().await.unwrap();
+    assert_eq!(stats.token_requests, 2);
+    assert_eq!(stats.basic_auth_requests, 1);
+
+    // Introspection as a client_secret_post validator.
+    let post_validator = IntrospectionEndpoint {
+        url: idp.introspection_endpoint(),
+        client_id: ClientId("poster".into()),
+        client_secret: Secret::new("poster-s3cret", "test"),
+        auth_method: ClientAuthMethod::ClientSecretPost,
+    };
+    for (token, owner) in [(&basic, "frontend"), (&posted, "poster")] {
+        let result = introspector
+            .introspect(&post_validator, token.secret())
+            .await
+            .unwrap();
+        assert!(result.active, "{result:?}");
+        assert_eq!(result.client_id.as_deref(), Some(owner));
+    }
+    let stats = idp.stats().await.unwrap();
+    assert_eq!(stats.introspection_requests, 2);
+    assert_eq!(stats.basic_auth_requests, 1);
+}
+
+#[tokio::test]
+async fn short_ttl_requests_fresh_token() {
+    let mut config = IdpConfig::new(clients());
+    config.token_ttl_seconds = 2;
+    let idp = start_idp(config);
+    // The token expires sooner than the skew, so it is used once and never cached.
+    let tokens = TokenSource::new(http(), Duration::from_secs(5));
+    let creds = frontend(&idp, &["read"]);
+
+    let first = tokens.token(&creds).await.unwrap();
+    let second = tokens.token(&creds).await.unwrap();
+
+    assert_ne!(first.secret(), second.secret());
+    assert_eq!(idp.stats().await.unwrap().token_requests, 2);
+}
+
+#[tokio::test]
+async fn token_renewed_skew_before_expiry() {
+    let mut config = IdpConfig::new(clients());
+    config.token_ttl_seconds = 3;
+    let idp = start_idp(config);
+    // Cached for 3 s - 1 s = 2 s.
+    let tokens = TokenSource::new(http(), Duration::from_secs(1));
+    let creds = frontend(&idp, &["read"]);
+
+    let first = tokens.token(&creds).await.unwrap();
+    let cached = tokens.token(&creds).await.unwrap();
+    assert_eq!(first.secret(), cached.secret());
+    assert_eq!(idp.stats().await.unwrap().token_requests, 1);
+
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let renewed = tokens.token(&creds).await.unwrap();
+    assert_ne!(first.secret(), renewed.secret());
+    assert_eq!(idp.stats().await.unwrap().token_requests, 2);
+}
+
+#[tokio::test]
+async fn wrong_validator_secret_rejected() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let mut endpoint = validator(&idp);
+    endpoint.client_secret = Secret::new("not-the-validator-secret", "test");
+
+    let err = Introspector::new(http())
+        .introspect(&endpoint, "garbage")
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+
+    match &err {
+        IntrospectionError::Rejected { status, error, .. } => {
+            assert_eq!(status.as_u16(), 401);
+            assert_eq!(error.error, "invalid_client");
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert!(message.contains(&idp.introspection_endpoint()), "{message}");
+    assert!(message.contains("validator"), "{message}");
+    assert!(!message.contains("not-the-validator-secret"), "{message}");
+    assert!(!message.contains("garbage"), "{message}");
+}
+
+#[tokio::test]
+async fn plain_text_404_is_invalid_response() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    // oidc-provider returns a plain-text 404 for a path it does not serve.
+    let wrong_url = format!("{}/no-such-endpoint", idp.base_url());
+
+    let mut endpoint = validator(&idp);
+    endpoint.url = wrong_url.clone();
+    let err = Introspector::new(http())
+        .introspect(&endpoint, "garbage")
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(
+            &err,
+            IntrospectionError::InvalidResponse { status, .. } if status.as_u16() == 404
+        ),
+        "{message}"
+    );
+    assert!(message.contains(&wrong_url), "{message}");
+    assert!(message.contains("HTTP 404"), "{message}");
+
+    let mut creds = frontend(&idp, &["read"]);
+    creds.token_endpoint = wrong_url.clone();
+    let err = TokenSource::new(http(), SKEW)
+        .token(&creds)
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, TokenError::InvalidResponse { status, .. } if status.as_u16() == 404),
+        "{message}"
+    );
+    assert!(message.contains(&wrong_url), "{message}");
+    assert!(message.contains("frontend"), "{message}");
+}
+
+#[tokio::test]
+async fn jwt_access_token_issued() {
+    for alg in ["ES256", "RS256"] {
+        let mut config = IdpConfig::new(clients());
+        config.access_token_format = TokenFormat::Jwt;
+        config.jwt_signing_alg = Some(alg.to_string());
+        let idp = start_idp(config);
+        let tokens = TokenSource::new(http(), SKEW);
+
+        let token = tokens.token(&frontend(&idp, &["read"])).await.unwrap();
+
+        let parts: Vec<&str> = token.secret().split('.').collect();
+        assert_eq!(parts.len(), 3, "{alg}: not a compact JWS");
+        let header = decode_segment(parts[0]);
+        assert_eq!(header["alg"], alg);
+        assert_eq!(header["typ"], "at+jwt");
+        let claims = decode_segment(parts[1]);
+        assert_eq!(claims["client_id"], "frontend");
+        assert_eq!(claims["scope"], "read");
+        assert_eq!(claims["aud"], "urn:tokenmesh:mesh");
+        assert_eq!(claims["iss"], idp.base_url());
+
+        // oidc-provider rejects introspection of JWT access tokens with HTTP 400.
+        let err = Introspector::new(http())
+            .introspect(&validator(&idp), token.secret())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                IntrospectionError::Rejected { error, .. } if error.error == "unsupported_token_type"
+            ),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn jwks_holds_both_algorithms() {
+    let idp = start_idp(IdpConfig::new(clients()));
+
+    let jwks: serde_json::Value = http()
+        .get(idp.jwks_uri())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    let algs: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|key| key["alg"].as_str().unwrap())
+        .collect();
+    assert!(algs.contains(&"ES256"), "{algs:?}");
+    assert!(algs.contains(&"RS256"), "{algs:?}");
+    // The published set contains public keys only.
+    for key in jwks["keys"].as_array().unwrap() {
+        assert!(key.get("d").is_none(), "private key published");
+    }
+}
+
+#[tokio::test]
+async fn idp_stops_on_drop() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let address = idp.base_url().trim_start_matches("http://").to_string();
+    std::net::TcpStream::connect(&address).expect("provider accepts connections");
+
+    drop(idp);
+
+    assert!(std::net::TcpStream::connect(&address).is_err());
+}
+
+fn decode_segment(segment: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segment)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn idp_reports_invalid_config() {
+    let err = Idp::start(&IdpConfig::new(Vec::new()))
+        .err()
+        .expect("start fails");
+    let message = format!("{err:#}");
+
+    assert!(message.contains("exited"), "{message}");
+    assert!(message.contains("clients is missing or empty"), "{message}");
+}
+
+/// Collects formatted log lines in memory.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn debug_logs_show_fingerprint_only() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test runtime is single-threaded, so every poll runs under this thread's subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let tokens = TokenSource::new(http(), SKEW);
+    let token = tokens.token(&frontend(&idp, &["read"])).await.unwrap();
+    Introspector::new(http())
+        .introspect(&validator(&idp), token.secret())
+        .await
+        .unwrap();
+    let mut wrong = frontend(&idp, &["admin"]);
+    wrong.client_secret = Secret::new("wrong-secret-value", "test");
+    tokens.token(&wrong).await.unwrap_err();
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("access token received"), "{text}");
+    assert!(text.contains("token introspected"), "{text}");
+    assert!(text.contains(token.fingerprint()), "{text}");
+    assert!(!text.contains(token.secret()), "{text}");
+    assert!(!text.contains(FRONTEND_SECRET), "{text}");
+    assert!(!text.contains(VALIDATOR_SECRET), "{text}");
+    assert!(!text.contains("wrong-secret-value"), "{text}");
+}
