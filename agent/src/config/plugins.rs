@@ -181,11 +181,17 @@ pub(super) fn validate(
     for (i, spec) in specs.iter().enumerate() {
         let key = format!("plugins[{i}]");
         if spec.id.trim().is_empty() {
-            problems.push(format!("{key}.id"), "is empty; give each plugin a unique id");
+            problems.push(
+                format!("{key}.id"),
+                "is empty; give each plugin a unique id",
+            );
         } else if !ids.insert(spec.id.as_str()) {
             problems.push(
                 format!("{key}.id"),
-                format!("{:?} is used by an earlier plugin; ids must be unique", spec.id),
+                format!(
+                    "{:?} is used by an earlier plugin; ids must be unique",
+                    spec.id
+                ),
             );
         }
         let mut checker = Checker {
@@ -195,9 +201,9 @@ pub(super) fn validate(
             problems,
         };
         let kind = match spec.plugin_type {
-            PluginType::TokenCreator => {
-                checker.creator(&spec.id, &spec.parameters).map(PluginKind::Creator)
-            }
+            PluginType::TokenCreator => checker
+                .creator(&spec.id, &spec.parameters)
+                .map(PluginKind::Creator),
             PluginType::TokenValidator => checker
                 .validator(&spec.id, &spec.parameters)
                 .map(PluginKind::Validator),
@@ -238,7 +244,10 @@ impl Checker<'_> {
 
     fn forbidden(&mut self, field: &str, present: bool, plugin_type: &str) {
         if present {
-            self.problem(field, format!("does not apply to a {plugin_type} plugin; remove it"));
+            self.problem(
+                field,
+                format!("does not apply to a {plugin_type} plugin; remove it"),
+            );
         }
     }
 
@@ -313,16 +322,26 @@ impl Checker<'_> {
     }
 
     fn client_id(&mut self, field: &str, value: &Option<String>) -> Option<ClientId> {
-        self.required(field, value).map(|id| ClientId(id.to_string()))
+        self.required(field, value)
+            .map(|id| ClientId(id.to_string()))
     }
 
     fn creator(&mut self, id: &str, params: &Parameters) -> Option<Arc<CreatorSettings>> {
         for (field, present) in [
             ("token_format", params.token_format.is_some()),
             ("introspection_url", params.introspection_url.is_some()),
-            ("introspection_client_id", params.introspection_client_id.is_some()),
-            ("introspection_client_secret", params.introspection_client_secret.is_some()),
-            ("introspection_auth_method", params.introspection_auth_method.is_some()),
+            (
+                "introspection_client_id",
+                params.introspection_client_id.is_some(),
+            ),
+            (
+                "introspection_client_secret",
+                params.introspection_client_secret.is_some(),
+            ),
+            (
+                "introspection_auth_method",
+                params.introspection_auth_method.is_some(),
+            ),
             ("required_scopes", params.required_scopes.is_some()),
             ("allowed_client_ids", params.allowed_client_ids.is_some()),
             ("allowed_cidrs", params.allowed_cidrs.is_some()),
@@ -365,7 +384,7 @@ impl Checker<'_> {
             self.problem(
                 "token_format",
                 "jwt is not supported by this version of the agent; use opaque, which \
-                 validates every token by introspection (works for JWT access tokens too)",
+                 validates every token by introspection at introspection_url",
             );
         }
         let url = self.url("introspection_url", &params.introspection_url);
