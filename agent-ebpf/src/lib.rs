@@ -18,6 +18,25 @@ pub const MAP_PROTECTED: &str = "TM_PROTECTED";
 /// SOCKMAP holding the agent's inbound listeners, one slot per protected pod.
 pub const MAP_INBOUND_SOCKETS: &str = "TM_INBOUND_SOCKS";
 
+/// Name of the `cgroup/connect4` program that redirects intercepted connects.
+pub const PROGRAM_CONNECT4: &str = "tm_connect4";
+/// Name of the `sockops` program that records original destinations on ESTABLISHED.
+pub const PROGRAM_SOCKOPS: &str = "tm_sockops";
+/// Name of the `sk_lookup` program that steers inbound SYNs to the agent's listener.
+pub const PROGRAM_SK_LOOKUP: &str = "tm_sk_lookup";
+
+/// Maximum number of entries in [`MAP_INTERCEPT_PORTS`].
+pub const MAX_INTERCEPT_PORTS: u32 = 1024;
+/// Maximum number of enrolled pods in [`MAP_PODS`].
+pub const MAX_PODS: u32 = 4096;
+/// Maximum number of connections in [`MAP_PENDING`] and [`MAP_ORIGINAL_DST`]; the least
+/// recently used entry is evicted when a map is full.
+pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
+/// Maximum number of protected (address, port) pairs in [`MAP_PROTECTED`].
+pub const MAX_PROTECTED_PORTS: u32 = 16384;
+/// Number of slots in [`MAP_INBOUND_SOCKETS`], so the maximum number of protected pods.
+pub const MAX_INBOUND_SOCKETS: u32 = 4096;
+
 /// Value of [`MAP_INTERCEPT_PORTS`]: whether connections to this port are steered.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
