@@ -1,0 +1,179 @@
+//! The mounts steering depends on: cgroup v2 for the pods' cgroup, bpffs for the pins.
+
+use std::path::{Path, PathBuf};
+
+use nix::{
+    mount::MsFlags,
+    sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, FsType, statfs},
+};
+
+use super::SteeringError;
+
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+/// Mount point for bpffs when nothing mounted one, as systemd and libbpf expect.
+const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";
+
+/// One line of `/proc/self/mountinfo`: where a file system is mounted and its type.
+#[derive(Debug, PartialEq, Eq)]
+struct Mount {
+    mount_point: PathBuf,
+    fs_type: String,
+}
+
+/// Returns the mount point of the cgroup v2 hierarchy, read from `/proc/self/mountinfo`.
+pub fn cgroup2_mount() -> Result<PathBuf, SteeringError> {
+    read_mounts()?
+        .into_iter()
+        .find(|mount| mount.fs_type == "cgroup2")
+        .map(|mount| mount.mount_point)
+        .ok_or(SteeringError::NoCgroup2Mount)
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless a bpf file system is already mounted there.
+pub(super) fn ensure_bpffs_mounted() -> Result<(), SteeringError> {
+    let mounted = read_mounts()?
+        .iter()
+        .any(|mount| mount.fs_type == "bpf" && mount.mount_point == Path::new(BPFFS_MOUNT_POINT));
+    if mounted {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS_MOUNT_POINT,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|error| SteeringError::MountBpffs { error })?;
+    tracing::info!(mount_point = BPFFS_MOUNT_POINT, "mounted bpffs");
+    Ok(())
+}
+
+/// Checks that `path` (which must exist) is on bpffs.
+pub(super) fn check_on_bpffs(path: &Path) -> Result<(), SteeringError> {
+    if fs_type(path) == Some(BPF_FS_MAGIC) {
+        Ok(())
+    } else {
+        Err(SteeringError::NotOnBpffs {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// Checks that `path` (which must exist) is on cgroup v2.
+pub(super) fn check_on_cgroup2(path: &Path) -> Result<(), SteeringError> {
+    if fs_type(path) == Some(CGROUP2_SUPER_MAGIC) {
+        Ok(())
+    } else {
+        Err(SteeringError::NotCgroup2 {
+            path: path.to_path_buf(),
+            cgroup2_mount: cgroup2_mount().ok(),
+        })
+    }
+}
+
+fn fs_type(path: &Path) -> Option<FsType> {
+    statfs(path).ok().map(|stat| stat.filesystem_type())
+}
+
+fn read_mounts() -> Result<Vec<Mount>, SteeringError> {
+    let table =
+        std::fs::read_to_string(MOUNTINFO).map_err(|error| SteeringError::ReadMountTable {
+            path: MOUNTINFO.into(),
+            error,
+        })?;
+    Ok(table.lines().filter_map(parse_mountinfo_line).collect())
+}
+
+/// Parses one mountinfo line (proc(5)): the mount point is field 5, and the file
+/// system type is the first field after the lone `-` separator.
+fn parse_mountinfo_line(line: &str) -> Option<Mount> {
+    let mut fields = line.split(' ');
+    let mount_point = fields.nth(4)?;
+    let fs_type = fields.skip_while(|field| *field != "-").nth(1)?;
+    Some(Mount {
+        mount_point: PathBuf::from(unescape_octal(mount_point)),
+        fs_type: fs_type.to_string(),
+    })
+}
+
+/// Decodes the `\NNN` octal escapes the kernel writes for space, tab, newline and
+/// backslash in mountinfo paths.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escape = bytes.get(index + 1..index + 4);
+        let octal = escape.filter(|digits| {
+            bytes[index] == b'\\' && digits.iter().all(|digit| (b'0'..=b'7').contains(digit))
+        });
+        match octal {
+            Some(digits) => {
+                let value = digits
+                    .iter()
+                    .fold(0u32, |value, digit| value * 8 + u32::from(digit - b'0'));
+                decoded.push(value as u8);
+                index += 4;
+            }
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_line_cgroup2() {
+        let line = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+
+        assert_eq!(
+            parse_mountinfo_line(line),
+            Some(Mount {
+                mount_point: "/sys/fs/cgroup/unified".into(),
+                fs_type: "cgroup2".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn mountinfo_line_optional_fields() {
+        let line = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 shared:7 - ext3 \
+                    /dev/root rw,errors=continue";
+
+        assert_eq!(
+            parse_mountinfo_line(line),
+            Some(Mount {
+                mount_point: "/mnt/with space".into(),
+                fs_type: "ext3".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn mountinfo_line_truncated() {
+        assert_eq!(parse_mountinfo_line("36 35 98:0 /mnt1"), None);
+        assert_eq!(parse_mountinfo_line("36 35 98:0 /mnt1 /mnt rw"), None);
+    }
+
+    #[test]
+    fn octal_escapes_decoded() {
+        assert_eq!(unescape_octal("a\\011b\\012c\\134d"), "a\tb\nc\\d");
+        assert_eq!(unescape_octal("trailing\\04"), "trailing\\04");
+        assert_eq!(unescape_octal("not\\x41octal"), "not\\x41octal");
+    }
+
+    #[test]
+    fn cgroup2_mount_found_here() {
+        // Needs cgroup v2 mounted, as on every node this agent runs on.
+        let mount = cgroup2_mount().unwrap();
+
+        check_on_cgroup2(&mount).unwrap();
+    }
+}
