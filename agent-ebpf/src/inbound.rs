@@ -29,6 +29,7 @@ pub fn tm_sk_lookup(ctx: SkLookupContext) -> u32 {
             read_volatile(addr_of!((*lookup).local_port)),
         )
     };
+    // NOTE: IPv6 lookups pass unsteered, because protected addresses are IPv4 only.
     if family != AF_INET || protocol != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }

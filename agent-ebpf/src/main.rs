@@ -29,8 +29,7 @@ const SOCK_STREAM: u32 = 1;
 /// `IPPROTO_TCP` from `<netinet/in.h>`.
 const IPPROTO_TCP: u32 = 6;
 
-// Hash maps: kernel 4.4; LRU hash maps: 4.10; SOCKMAP: 4.14, holding listening TCP
-// sockets since 5.7.
+// Minimum kernel of each map type: hash maps 3.19, LRU hash maps 4.10, SOCKMAP 4.14.
 
 #[map]
 static TM_INTERCEPT: HashMap<u16, PortPolicy> = HashMap::pinned(MAX_INTERCEPT_PORTS, 0);

@@ -25,6 +25,9 @@ const LOOPBACK_IP4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 /// Redirects TCP/IPv4 connects of enrolled pods to intercepted ports.
 ///
+/// NOTE: there is no `cgroup/connect6` program yet, so IPv6 connects to intercepted
+/// ports are not redirected.
+///
 /// Minimum kernel: 4.17 for `cgroup/connect4`, 4.19 for `bpf_get_socket_cookie` and 5.7
 /// for `bpf_get_netns_cookie` in this program type.
 #[cgroup_sock_addr(connect4)]
@@ -36,8 +39,9 @@ fn steer_connect4(ctx: &SockAddrContext) -> i32 {
     let sock_addr = ctx.sock_addr;
 
     // Volatile reads and writes keep each context access at the field's full 4 bytes.
-    // LLVM would otherwise narrow `user_port as u16` to a 2-byte load, which kernels
-    // before 5.x reject with "invalid bpf_context access off=24 size=2".
+    // LLVM would otherwise narrow `user_port as u16` to a 2-byte load, and kernels that
+    // allow only 4-byte reads of `user_port`, as the 4.17 uapi header documents, reject
+    // it with "invalid bpf_context access off=24 size=2".
     // SAFETY: the kernel passes a valid `bpf_sock_addr`, and the verifier checks each
     // field offset and access size against it.
     let (user_family, sock_type, protocol, dst_ip4, user_port) = unsafe {
@@ -139,8 +143,9 @@ fn record_original_dst(ctx: &SockOpsContext) {
         client_port: local_port as u16,
         _pad: [0; 6],
     };
-    // An LRU insert fails only when the kernel cannot allocate memory. The agent then
-    // finds no record and rejects the connection, so the error needs no handling here.
+    // An LRU insert with flags 0 fails only when the kernel finds no free or evictable
+    // element. The proxy then finds no record and closes the connection, so the error
+    // needs no handling here.
     let _ = TM_ORIG_DST.insert(&key, &original, 0);
     let _ = TM_PENDING.remove(&socket_cookie);
 }

@@ -46,6 +46,9 @@ struct ProtectedAddress {
 impl InboundState {
     /// Takes the inbound maps out of `ebpf`, and reads the addresses an earlier run
     /// protected, so they keep their slots.
+    ///
+    /// NOTE: entries and `sk_lookup` pins of pods that went away while the agent was
+    /// down stay until `unprotect_inbound` for that address or `uninstall`.
     pub(super) fn new(mut ebpf: Ebpf, links_dir: PathBuf) -> Result<InboundState, SteeringError> {
         let protected: HashMap<MapData, InboundKey, u32> = take_hash_map(&mut ebpf, MAP_PROTECTED)?;
         let sockets = ebpf

@@ -90,11 +90,11 @@ impl Steering {
 
         let cgroup = open_cgroup(&settings.pods_cgroup)?;
         mounts::ensure_bpffs_mounted()?;
+        mounts::check_on_bpffs(bpffs_dir)?;
         std::fs::create_dir_all(&links_dir).map_err(|error| SteeringError::PinFolder {
             path: links_dir.clone(),
             error,
         })?;
-        mounts::check_on_bpffs(bpffs_dir)?;
         pins::check_pinned_maps(bpffs_dir)?;
 
         let mut ebpf = EbpfLoader::new()
@@ -151,7 +151,7 @@ impl Steering {
             pods_cgroup = %settings.pods_cgroup.display(),
             intercept_ports = ?settings.intercept_ports,
             replaced_links = replaced,
-            "steering attached"
+            "steering programs attached and pinned"
         );
         Ok(Steering {
             bpffs_dir: bpffs_dir.to_path_buf(),

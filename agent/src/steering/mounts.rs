@@ -49,9 +49,11 @@ pub(super) fn ensure_bpffs_mounted() -> Result<(), SteeringError> {
     Ok(())
 }
 
-/// Checks that `path` (which must exist) is on bpffs.
+/// Checks that `path`, or its nearest existing ancestor when `path` does not exist yet,
+/// is on bpffs.
 pub(super) fn check_on_bpffs(path: &Path) -> Result<(), SteeringError> {
-    if fs_type(path) == Some(BPF_FS_MAGIC) {
+    let existing = path.ancestors().find(|ancestor| ancestor.exists());
+    if existing.and_then(fs_type) == Some(BPF_FS_MAGIC) {
         Ok(())
     } else {
         Err(SteeringError::NotOnBpffs {
@@ -167,6 +169,19 @@ mod tests {
         assert_eq!(unescape_octal("a\\011b\\012c\\134d"), "a\tb\nc\\d");
         assert_eq!(unescape_octal("trailing\\04"), "trailing\\04");
         assert_eq!(unescape_octal("not\\x41octal"), "not\\x41octal");
+    }
+
+    #[test]
+    fn bpffs_check_rejects_missing_tmp_path() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("pins/links");
+
+        let error = check_on_bpffs(&path).unwrap_err();
+
+        assert!(
+            matches!(&error, SteeringError::NotOnBpffs { path: reported } if *reported == path),
+            "error: {error}"
+        );
     }
 
     #[test]

@@ -551,3 +551,28 @@ fn start_rejects_missing_cgroup() {
         "start left a pin folder behind"
     );
 }
+
+#[test]
+fn start_rejects_pin_folder_off_bpffs() {
+    let topology = Topology::create("steer_nobpffs", &["pod"]).unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    let bpffs_dir = folder.path().join("pins");
+    let settings = SteeringSettings {
+        bpffs_dir: bpffs_dir.clone(),
+        ..settings(&topology)
+    };
+
+    let error = match Steering::start(&settings) {
+        Ok(steering) => {
+            let _ = steering.shutdown(OnExit::Detach);
+            panic!("start succeeded with a pin folder off bpffs");
+        }
+        Err(error) => error,
+    };
+
+    assert!(
+        matches!(&error, SteeringError::NotOnBpffs { path } if *path == bpffs_dir),
+        "error: {error}"
+    );
+    assert!(!bpffs_dir.exists(), "start created {}", bpffs_dir.display());
+}
