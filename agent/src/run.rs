@@ -70,12 +70,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pods_cgroup: pods_cgroup.clone(),
         intercept_ports: config.steering.intercept_ports.clone(),
     })?);
-    tracing::info!(
-        cgroup = %pods_cgroup.display(),
-        bpffs = %config.steering.bpffs_dir.display(),
-        ports = ?config.steering.intercept_ports,
-        "steering attached"
-    );
 
     let shared = Arc::new(Shared {
         audit,
@@ -94,7 +88,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = start_pods(&shared, &config, pods).await;
     if let Err(e) = started {
         shutdown.cancel();
-        stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
+        stop(
+            shared,
+            steering,
+            config.steering.on_exit,
+            &config.steering.bpffs_dir,
+        )
+        .await;
         return Err(e);
     }
     readiness.set(true);
@@ -104,7 +104,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("starting shutdown");
     readiness.set(false);
     shutdown.cancel();
-    stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
+    stop(
+        shared,
+        steering,
+        config.steering.on_exit,
+        &config.steering.bpffs_dir,
+    )
+    .await;
     let _ = admin_task.await;
     tracing::info!("shutdown complete");
     Ok(())
@@ -127,7 +133,10 @@ async fn start_pods(shared: &Arc<Shared>, config: &Config, pods: Vec<Pod>) -> an
 
 async fn stop(shared: Arc<Shared>, steering: Arc<Steering>, on_exit: OnExit, bpffs_dir: &Path) {
     shared.tasks.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, shared.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, shared.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             timeout = ?DRAIN_TIMEOUT,
             "connections still open after the drain timeout; closing them"

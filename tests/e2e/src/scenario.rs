@@ -218,7 +218,7 @@ plugins:
       introspection_client_id: echo-validator
       introspection_client_secret: ${{ECHO_VALIDATOR_SECRET}}
       required_scopes: [admin]
-      allowed_client_ids: [frontend, intruder]
+      allowed_client_ids: [frontend]
       allowed_cidrs: [{frontend}/32, {intruder}/32]
       client_id_header: {CLIENT_ID_HEADER}
 "#,
