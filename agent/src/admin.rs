@@ -70,7 +70,10 @@ fn route(path: &str, readiness: &Readiness) -> Response<Full<Bytes>> {
         "/healthz" => (StatusCode::OK, "ok\n"),
         "/readyz" if readiness.get() => (StatusCode::OK, "ready\n"),
         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => (StatusCode::NOT_FOUND, "not found; try /healthz or /readyz\n"),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz or /readyz\n",
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;

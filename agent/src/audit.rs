@@ -144,7 +144,10 @@ impl Audit {
                 return;
             }
         };
-        let mut out = self.out.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut out = self
+            .out
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(e) = writeln!(out, "{line}") {
             tracing::error!(error = %e, "failed to write an audit line");
         }
@@ -180,7 +183,11 @@ mod tests {
         );
         event.client_id = Some("intruder".into());
         event.status = Some(403);
-        event.finish(Decision::Deny, "client_id_not_allowed", Duration::from_micros(1500));
+        event.finish(
+            Decision::Deny,
+            "client_id_not_allowed",
+            Duration::from_micros(1500),
+        );
         audit.record(&event);
 
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();

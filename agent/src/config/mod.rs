@@ -201,7 +201,11 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.problems.len();
         let noun = if count == 1 { "problem" } else { "problems" };
-        write!(f, "invalid config file {}: {count} {noun}", self.file.display())?;
+        write!(
+            f,
+            "invalid config file {}: {count} {noun}",
+            self.file.display()
+        )?;
         for problem in &self.problems {
             if problem.key.is_empty() {
                 write!(f, "\n  - {}", problem.message)?;
@@ -228,10 +232,7 @@ impl Problems {
 
 impl Config {
     /// Reads and validates `path`, resolving secrets through `env`.
-    pub fn load(
-        path: &Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             problems: vec![Problem {
@@ -299,7 +300,10 @@ fn validate_steering(steering: &SteeringConfig, problems: &mut Problems) {
     }
     for (i, port) in steering.intercept_ports.iter().enumerate() {
         if *port == 0 {
-            problems.push(format!("steering.intercept_ports[{i}]"), "port 0 is not a valid port");
+            problems.push(
+                format!("steering.intercept_ports[{i}]"),
+                "port 0 is not a valid port",
+            );
         }
     }
     for (key, port) in [
@@ -326,7 +330,10 @@ fn validate_steering(steering: &SteeringConfig, problems: &mut Problems) {
         );
     }
     if steering.pods_cgroup.as_os_str().is_empty() {
-        problems.push("steering.pods_cgroup", "is empty; name the parent cgroup of the pods");
+        problems.push(
+            "steering.pods_cgroup",
+            "is empty; name the parent cgroup of the pods",
+        );
     }
     if !steering.bpffs_dir.is_absolute() {
         problems.push(
@@ -341,7 +348,10 @@ fn validate_steering(steering: &SteeringConfig, problems: &mut Problems) {
 
 fn validate_proxy(proxy: &ProxyConfig, problems: &mut Problems) {
     for (key, value) in [
-        ("proxy.protocol_detect_timeout", proxy.protocol_detect_timeout),
+        (
+            "proxy.protocol_detect_timeout",
+            proxy.protocol_detect_timeout,
+        ),
         ("proxy.connect_timeout", proxy.connect_timeout),
         ("proxy.idp_timeout", proxy.idp_timeout),
     ] {

@@ -35,7 +35,10 @@ impl Secret {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Secret, SecretError> {
         let reference = reference.trim();
-        if let Some(name) = reference.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+        if let Some(name) = reference
+            .strip_prefix("${")
+            .and_then(|r| r.strip_suffix('}'))
+        {
             let value = env(name).ok_or_else(|| SecretError::MissingEnv(name.to_string()))?;
             return Ok(Secret::new(&value, &format!("${{{name}}}")));
         }

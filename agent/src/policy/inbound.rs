@@ -149,7 +149,10 @@ pub async fn check(
         ));
     }
 
-    let introspection = match introspector.introspect(&settings.introspection, token).await {
+    let introspection = match introspector
+        .introspect(&settings.introspection, token)
+        .await
+    {
         Ok(result) => result,
         Err(e) => {
             tracing::warn!(
@@ -178,7 +181,10 @@ pub async fn check(
 
     let client_id = introspection.client_id.clone().unwrap_or_default();
     if !settings.allowed_client_ids.is_empty()
-        && !settings.allowed_client_ids.iter().any(|id| id.0 == client_id)
+        && !settings
+            .allowed_client_ids
+            .iter()
+            .any(|id| id.0 == client_id)
     {
         let mut denial = Denial::new(
             StatusCode::FORBIDDEN,

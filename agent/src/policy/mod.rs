@@ -22,7 +22,10 @@ impl PodPolicy {
     /// Picks, for each plugin type, the first enabled plugin whose selector matches `pod`.
     pub fn for_pod(plugins: &[Plugin], pod: &Pod) -> PodPolicy {
         let mut policy = PodPolicy::default();
-        for plugin in plugins.iter().filter(|p| p.enabled && p.workloads.matches(pod)) {
+        for plugin in plugins
+            .iter()
+            .filter(|p| p.enabled && p.workloads.matches(pod))
+        {
             match &plugin.kind {
                 PluginKind::Creator(settings) if policy.creator.is_none() => {
                     policy.creator = Some(settings.clone());

@@ -91,7 +91,9 @@ fn parse(text: &str, cgroup_root: &Path) -> Result<Vec<Pod>, String> {
             ));
         }
         if let Some(port) = entry.protected_ports.iter().find(|p| **p == 0) {
-            return Err(format!("{key}.protected_ports: port {port} is not a valid port"));
+            return Err(format!(
+                "{key}.protected_ports: port {port} is not a valid port"
+            ));
         }
         if !entry.netns.is_absolute() {
             return Err(format!(
@@ -127,7 +129,11 @@ mod tests {
 
     #[test]
     fn parses_pods_and_joins_cgroup_root() {
-        let text = format!("pods:\n{}{}", pod_yaml("a", "10.1.0.2"), pod_yaml("b", "10.1.0.3"));
+        let text = format!(
+            "pods:\n{}{}",
+            pod_yaml("a", "10.1.0.2"),
+            pod_yaml("b", "10.1.0.3")
+        );
         let pods = parse(&text, Path::new(ROOT)).unwrap();
         assert_eq!(pods.len(), 2);
         assert_eq!(pods[0].identity.to_string(), "demo/a");
@@ -138,14 +144,25 @@ mod tests {
 
     #[test]
     fn duplicate_address_rejected() {
-        let text = format!("pods:\n{}{}", pod_yaml("a", "10.1.0.2"), pod_yaml("b", "10.1.0.2"));
+        let text = format!(
+            "pods:\n{}{}",
+            pod_yaml("a", "10.1.0.2"),
+            pod_yaml("b", "10.1.0.2")
+        );
         let err = parse(&text, Path::new(ROOT)).unwrap_err();
-        assert_eq!(err, "pods[1].ip: 10.1.0.2 is already the address of another pod");
+        assert_eq!(
+            err,
+            "pods[1].ip: 10.1.0.2 is already the address of another pod"
+        );
     }
 
     #[test]
     fn duplicate_pod_rejected() {
-        let text = format!("pods:\n{}{}", pod_yaml("a", "10.1.0.2"), pod_yaml("a", "10.1.0.3"));
+        let text = format!(
+            "pods:\n{}{}",
+            pod_yaml("a", "10.1.0.2"),
+            pod_yaml("a", "10.1.0.3")
+        );
         let err = parse(&text, Path::new(ROOT)).unwrap_err();
         assert_eq!(err, "pods[1]: pod demo/a is listed twice");
     }
@@ -162,6 +179,9 @@ mod tests {
     fn loopback_address_rejected() {
         let text = format!("pods:\n{}", pod_yaml("a", "127.0.0.1"));
         let err = parse(&text, Path::new(ROOT)).unwrap_err();
-        assert!(err.starts_with("pods[0].ip: 127.0.0.1 is not a pod address"), "{err}");
+        assert!(
+            err.starts_with("pods[0].ip: 127.0.0.1 is not a pod address"),
+            "{err}"
+        );
     }
 }

@@ -2,4 +2,5 @@
 
 pub mod idp;
 pub mod process;
+pub mod scenario;
 pub mod topology;
