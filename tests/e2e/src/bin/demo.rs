@@ -131,10 +131,11 @@ fn run_step(scenario: &Scenario, number: usize, step: &Step) -> anyhow::Result<(
     }
     for record in new {
         println!(
-            "   audit: {:<8} {:<5} {:<22} client={:<9} {} -> {} ({} ms)",
+            "   audit: {:<8} {:<5} {:<22} status={:<3} client={:<9} {} -> {} ({} ms)",
             text(&record["direction"]),
             text(&record["decision"]),
             text(&record["reason"]),
+            text(&record["status"]),
             text(&record["client_id"]),
             text(&record["source_ip"]),
             text(&record["destination"]),
@@ -150,5 +151,9 @@ fn show(values: &[String]) -> String {
 }
 
 fn text(value: &serde_json::Value) -> String {
-    value.as_str().map(str::to_string).unwrap_or_else(|| "-".into())
+    match value {
+        serde_json::Value::String(text) => text.clone(),
+        serde_json::Value::Number(number) => number.to_string(),
+        _ => "-".into(),
+    }
 }
