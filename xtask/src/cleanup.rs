@@ -3,6 +3,10 @@
 //! test process id: network namespaces `tm-<pid>-…`, cgroups and bpffs folders
 //! `tokenmesh-test-<pid>-…`. Leftovers of a process that still runs are kept unless
 //! `--all` is given.
+//!
+//! The cgroup and namespace helpers repeat a few lines of the e2e topology fixture on
+//! purpose: depending on `tokenmesh-e2e` would build the agent, whose build script needs
+//! the bpf-linker that `cargo xtask setup` installs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
