@@ -445,7 +445,7 @@ fn delete_netns(name: &str) -> Result<()> {
 
 /// Kills every process in a cgroup subtree with `cgroup.kill` (Linux 5.14) and waits
 /// until the kernel reports the subtree empty.
-fn kill_cgroup(cgroup: &Path) -> Result<()> {
+pub(crate) fn kill_cgroup(cgroup: &Path) -> Result<()> {
     let kill_file = cgroup.join("cgroup.kill");
     fs::write(&kill_file, "1")
         .with_context(|| format!("failed to write {}", kill_file.display()))?;
@@ -465,7 +465,7 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
 /// Removes the test cgroup tree. A process started with `Pod::command` just before the
 /// topology is dropped may join its pod cgroup after the first kill, so rmdir is retried
 /// after another kill.
-fn remove_cgroups(test_cgroup: &Path) -> Result<()> {
+pub(crate) fn remove_cgroups(test_cgroup: &Path) -> Result<()> {
     let mut attempt = 1;
     loop {
         match remove_cgroup_tree(test_cgroup) {
