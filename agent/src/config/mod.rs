@@ -16,8 +16,8 @@ use std::{
 use serde::Deserialize;
 
 pub use plugins::{
-    CreatorSettings, NonHttpAction, Plugin, PluginKind, PluginSpec, PluginType, TokenFormat,
-    TokenHeader, ValidatorSettings, WorkloadSelector,
+    CreatorSettings, NonHttpAction, Plugin, PluginKind, PluginSpec, PluginType, TokenCheck,
+    TokenFormat, TokenHeader, ValidatorSettings, WorkloadSelector,
 };
 
 /// A configuration file that parsed and passed validation.

@@ -2,16 +2,26 @@
 //! `parameters`; the two types mirror SlashID Gate's OAuth 2.0 plugins: `token-creator`
 //! (Gate's `request-oauth2-authenticator`) and `token-validator` (`validate-oauth2-token`).
 
-use std::{collections::HashSet, path::Path, sync::Arc};
+mod validator;
 
-use http::HeaderName;
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use http::{HeaderName, Method};
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{Problems, secret::Secret};
 use crate::{
     oauth::{
-        ClientAuthMethod, ClientId, introspect::IntrospectionEndpoint, token::ClientCredentials,
+        ClientAuthMethod, ClientId,
+        introspect::{CachePolicy, IntrospectionEndpoint},
+        jwt::JwtSettings,
+        token::ClientCredentials,
     },
     workloads::Pod,
 };
@@ -116,6 +126,25 @@ pub struct Parameters {
     pub remove_token_header: Option<bool>,
     pub client_id_header: Option<String>,
     pub non_http: Option<NonHttpAction>,
+    #[serde(default, with = "humantime_serde")]
+    pub introspection_cache_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub introspection_negative_cache_ttl: Option<Duration>,
+    pub issuer: Option<String>,
+    pub jwks_url: Option<String>,
+    pub audiences: Option<Vec<String>>,
+    pub allowed_algorithms: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub leeway: Option<Duration>,
+    pub require_at_jwt_typ: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub jwks_refresh_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub jwks_min_refetch_interval: Option<Duration>,
+    /// Scopes required for a request method, in addition to `required_scopes`.
+    pub method_required_scopes: Option<BTreeMap<String, Vec<String>>>,
+    pub allow_cors_preflight: Option<bool>,
+    pub allow_token_in_query: Option<bool>,
 }
 
 /// The header an access token travels in.
@@ -153,10 +182,12 @@ pub struct CreatorSettings {
 #[derive(Debug)]
 pub struct ValidatorSettings {
     pub plugin_id: String,
-    pub introspection: IntrospectionEndpoint,
+    pub token_check: TokenCheck,
     pub header: TokenHeader,
     /// Every scope listed must be in the token; empty requires none.
     pub required_scopes: Vec<String>,
+    /// Scopes a request with this method needs in addition to `required_scopes`.
+    pub method_required_scopes: HashMap<Method, Vec<String>>,
     /// Client ids accepted; empty accepts any client.
     pub allowed_client_ids: Vec<ClientId>,
     /// Source networks accepted; empty accepts any source.
@@ -165,6 +196,23 @@ pub struct ValidatorSettings {
     /// Header in which the app receives the caller's client id.
     pub client_id_header: HeaderName,
     pub non_http: NonHttpAction,
+    /// Pass CORS preflight requests (`OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`) to the app without a token.
+    pub allow_cors_preflight: bool,
+    /// Accept the token in the `access_token` query parameter (RFC 6750 section 2.3).
+    pub allow_token_in_query: bool,
+}
+
+/// How a validator decides that a token is valid.
+#[derive(Debug)]
+pub enum TokenCheck {
+    /// RFC 7662 introspection at the identity provider, with a result cache.
+    Introspection {
+        endpoint: IntrospectionEndpoint,
+        cache: CachePolicy,
+    },
+    /// JWT access tokens (RFC 9068) checked with the issuer's public keys.
+    Jwt(JwtSettings),
 }
 
 const DEFAULT_CLIENT_ID_HEADER: &str = "x-tokenmesh-client-id";
@@ -327,28 +375,7 @@ impl Checker<'_> {
     }
 
     fn creator(&mut self, id: &str, params: &Parameters) -> Option<Arc<CreatorSettings>> {
-        for (field, present) in [
-            ("token_format", params.token_format.is_some()),
-            ("introspection_url", params.introspection_url.is_some()),
-            (
-                "introspection_client_id",
-                params.introspection_client_id.is_some(),
-            ),
-            (
-                "introspection_client_secret",
-                params.introspection_client_secret.is_some(),
-            ),
-            (
-                "introspection_auth_method",
-                params.introspection_auth_method.is_some(),
-            ),
-            ("required_scopes", params.required_scopes.is_some()),
-            ("allowed_client_ids", params.allowed_client_ids.is_some()),
-            ("allowed_cidrs", params.allowed_cidrs.is_some()),
-            ("remove_token_header", params.remove_token_header.is_some()),
-            ("client_id_header", params.client_id_header.is_some()),
-            ("non_http", params.non_http.is_some()),
-        ] {
+        for (field, present) in validator::validator_only_fields(params) {
             self.forbidden(field, present, "token-creator");
         }
         let token_endpoint = self.url("token_endpoint", &params.token_endpoint);
@@ -369,91 +396,6 @@ impl Checker<'_> {
         }))
     }
 
-    fn validator(&mut self, id: &str, params: &Parameters) -> Option<Arc<ValidatorSettings>> {
-        for (field, present) in [
-            ("token_endpoint", params.token_endpoint.is_some()),
-            ("client_id", params.client_id.is_some()),
-            ("client_secret", params.client_secret.is_some()),
-            ("client_auth_method", params.client_auth_method.is_some()),
-            ("scopes", params.scopes.is_some()),
-        ] {
-            self.forbidden(field, present, "token-validator");
-        }
-        // NOTE: JWT access tokens are not validated yet; only introspection is.
-        if params.token_format == Some(TokenFormat::Jwt) {
-            self.problem(
-                "token_format",
-                "jwt is not supported by this version of the agent; use opaque, which \
-                 validates every token by introspection at introspection_url",
-            );
-        }
-        let url = self.url("introspection_url", &params.introspection_url);
-        let client_id = self.client_id("introspection_client_id", &params.introspection_client_id);
-        let secret = self.secret(
-            "introspection_client_secret",
-            &params.introspection_client_secret,
-        );
-        let required_scopes = self.scopes("required_scopes", &params.required_scopes);
-        let allowed_client_ids = self.allowed_client_ids(params);
-        let allowed_cidrs = self.allowed_cidrs(params);
-        let header = self.token_header(params);
-        let client_id_header = self.header(
-            "client_id_header",
-            params.client_id_header.as_deref(),
-            DEFAULT_CLIENT_ID_HEADER,
-        );
-        if let (Some(token), Some(client)) = (&header, &client_id_header)
-            && token.name == client
-        {
-            self.problem(
-                "client_id_header",
-                "equals header_with_token; the two headers must differ",
-            );
-        }
-        Some(Arc::new(ValidatorSettings {
-            plugin_id: id.to_string(),
-            introspection: IntrospectionEndpoint {
-                url: url?,
-                client_id: client_id?,
-                client_secret: secret?,
-                auth_method: params.introspection_auth_method.unwrap_or_default(),
-            },
-            header: header?,
-            required_scopes,
-            allowed_client_ids: allowed_client_ids?,
-            allowed_cidrs: allowed_cidrs?,
-            remove_token_header: params.remove_token_header.unwrap_or(true),
-            client_id_header: client_id_header?,
-            non_http: params.non_http.unwrap_or_default(),
-        }))
-    }
-
-    fn allowed_client_ids(&mut self, params: &Parameters) -> Option<Vec<ClientId>> {
-        let ids = params.allowed_client_ids.clone().unwrap_or_default();
-        let mut valid = true;
-        for (i, id) in ids.iter().enumerate() {
-            if id.trim().is_empty() {
-                self.problem(&format!("allowed_client_ids[{i}]"), "is empty");
-                valid = false;
-            }
-        }
-        valid.then(|| ids.into_iter().map(ClientId).collect())
-    }
-
-    fn allowed_cidrs(&mut self, params: &Parameters) -> Option<Vec<IpNet>> {
-        let mut nets = Vec::new();
-        let mut valid = true;
-        for (i, text) in params.allowed_cidrs.iter().flatten().enumerate() {
-            match parse_cidr(text) {
-                Ok(net) => nets.push(net),
-                Err(message) => {
-                    self.problem(&format!("allowed_cidrs[{i}]"), message);
-                    valid = false;
-                }
-            }
-        }
-        valid.then_some(nets)
-    }
 }
 
 /// Parses `10.0.0.0/24`, or a bare address as a single-host network.

@@ -67,7 +67,10 @@ fn valid_file_parses_with_defaults() {
     assert_eq!(validator.client_id_header.as_str(), "x-tokenmesh-client-id");
     assert!(validator.header.bearer);
     assert!(validator.remove_token_header);
-    assert_eq!(validator.introspection.client_secret.expose(), "e-secret");
+    let TokenCheck::Introspection { endpoint, .. } = &validator.token_check else {
+        panic!("the validator does not use introspection");
+    };
+    assert_eq!(endpoint.client_secret.expose(), "e-secret");
 }
 
 #[test]
@@ -172,14 +175,15 @@ fn duplicate_plugin_id_rejected() {
 }
 
 #[test]
-fn jwt_format_rejected_with_alternative() {
+fn jwt_format_rejects_introspection_fields() {
     let text = VALID.replace(
         "      required_scopes: [admin]",
         "      required_scopes: [admin]\n      token_format: jwt",
     );
     let found = problems(&text);
-    assert_eq!(found[0].key, "plugins[1].parameters.token_format");
-    assert!(found[0].message.contains("use opaque"));
+    assert_eq!(found[0].key, "plugins[1].parameters.introspection_url");
+    assert!(found[0].message.contains("only with token_format: opaque"));
+    assert!(found.iter().any(|p| p.key == "plugins[1].parameters.issuer"));
 }
 
 #[test]

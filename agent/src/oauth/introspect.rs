@@ -1,10 +1,19 @@
 //! Token introspection (RFC 7662): the inbound proxy sends the identity provider a request
 //! to learn whether a presented access token is active, authenticating as its own
-//! validator client.
+//! validator client. Results are cached under a hash of the token (RFC 7662 section 4
+//! lets a resource server cache them): an active result until the earlier of the
+//! configured maximum and the token's `exp`, an inactive one only when configured.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
 
 use super::error_response::OAuthError;
 use super::exchange::{self, ClientAuth, ExchangeError};
@@ -66,9 +75,7 @@ impl Introspection {
     /// Checks that every scope in `required` was granted. Returns true for an empty
     /// `required`.
     pub fn has_scopes(&self, required: &[String]) -> bool {
-        required
-            .iter()
-            .all(|needed| self.scopes().any(|granted| granted == needed))
+        super::grants_scopes(self.scope.as_deref(), required)
     }
 }
 
@@ -153,19 +160,118 @@ impl IntrospectionError {
     }
 }
 
-/// Sends introspection requests. Cloning shares the HTTP connection pool.
-// NOTE: results are not cached, so every call sends one request to the provider. A JWT
-// access token is not checked here either, because oidc-provider rejects its introspection.
+/// How long introspection results are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachePolicy {
+    /// Maximum time an `active: true` result is kept. The entry ends earlier when the
+    /// token's `exp` comes first. Zero disables the cache.
+    pub max_ttl: Duration,
+    /// Time an `active: false` result is kept. Zero keeps none.
+    pub negative_ttl: Duration,
+}
+
+impl CachePolicy {
+    /// Returns how long `introspection`, received at `now`, may be reused.
+    fn ttl(&self, introspection: &Introspection, now: SystemTime) -> Duration {
+        if !introspection.active {
+            return self.negative_ttl;
+        }
+        let Some(exp) = introspection.exp else {
+            return self.max_ttl;
+        };
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let until_exp = Duration::from_secs(exp).saturating_sub(now);
+        self.max_ttl.min(until_exp)
+    }
+}
+
+/// Most introspection results kept at once, across all validators.
+const CACHE_CAPACITY: u64 = 100_000;
+
+/// Cache key: SHA-256 of the endpoint, the validator client and the token, so the cache
+/// never holds a token.
+type CacheKey = [u8; 32];
+
+#[derive(Clone)]
+struct CacheEntry {
+    introspection: Arc<Introspection>,
+    ttl: Duration,
+}
+
+struct EntryTtl;
+
+impl moka::Expiry<CacheKey, CacheEntry> for EntryTtl {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        entry: &CacheEntry,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(entry.ttl)
+    }
+}
+
+/// Counters of the introspection cache, read by tests and ready to export as metrics.
+#[derive(Debug, Default)]
+pub struct IntrospectionStats {
+    /// Results answered from the cache.
+    pub cache_hits: AtomicU64,
+    /// Introspection requests sent.
+    pub requests: AtomicU64,
+}
+
+/// Sends introspection requests and caches their results. Cloning shares the HTTP
+/// connection pool and the cache.
+// NOTE: a JWT access token is not checked here, because oidc-provider rejects its
+// introspection; `token_format: jwt` checks it with the issuer's keys instead.
 #[derive(Clone)]
 pub struct Introspector {
     http: reqwest::Client,
+    cache: moka::future::Cache<CacheKey, CacheEntry>,
+    pub stats: Arc<IntrospectionStats>,
 }
 
 impl Introspector {
     /// Creates an introspector that sends its requests with `http`. Timeouts are those
     /// configured on `http`.
     pub fn new(http: reqwest::Client) -> Self {
-        Introspector { http }
+        Introspector {
+            http,
+            cache: moka::future::Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .expire_after(EntryTtl)
+                .build(),
+            stats: Arc::new(IntrospectionStats::default()),
+        }
+    }
+
+    /// Returns the introspection result for `token`, from the cache when `policy` allows
+    /// one. Concurrent calls for the same uncached token share one request. Failed
+    /// requests are never cached.
+    pub async fn introspect_cached(
+        &self,
+        endpoint: &IntrospectionEndpoint,
+        token: &str,
+        policy: CachePolicy,
+    ) -> Result<Arc<Introspection>, IntrospectionError> {
+        let key = cache_key(endpoint, token);
+        if let Some(entry) = self.cache.get(&key).await {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(entry.introspection);
+        }
+        let entry = self
+            .cache
+            .try_get_with(key, async {
+                let introspection = self.introspect(endpoint, token).await?;
+                let ttl = policy.ttl(&introspection, SystemTime::now());
+                Ok::<_, IntrospectionError>(CacheEntry {
+                    introspection: Arc::new(introspection),
+                    ttl,
+                })
+            })
+            .await
+            .map_err(|shared| (*shared).clone())?;
+        Ok(entry.introspection)
     }
 
     /// Sends an introspection request for `token` to `endpoint`. An unknown, expired or
@@ -175,6 +281,7 @@ impl Introspector {
         endpoint: &IntrospectionEndpoint,
         token: &str,
     ) -> Result<Introspection, IntrospectionError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let form = vec![
             ("token", token.to_string()),
             ("token_type_hint", "access_token".to_string()),
@@ -204,6 +311,15 @@ impl Introspector {
         );
         Ok(introspection)
     }
+}
+
+fn cache_key(endpoint: &IntrospectionEndpoint, token: &str) -> CacheKey {
+    let mut hasher = Sha256::new();
+    for part in [endpoint.url.as_str(), endpoint.client_id.0.as_str(), token] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hasher.finalize().into()
 }
 
 fn parse_introspection(body: &[u8]) -> Result<Introspection, String> {
@@ -271,5 +387,58 @@ mod tests {
         let introspection = parse_introspection(br#"{"active":true}"#).unwrap();
         assert!(introspection.has_scopes(&[]));
         assert!(!introspection.has_scopes(&["read".to_string()]));
+    }
+
+    fn policy(max_secs: u64, negative_secs: u64) -> CachePolicy {
+        CachePolicy {
+            max_ttl: Duration::from_secs(max_secs),
+            negative_ttl: Duration::from_secs(negative_secs),
+        }
+    }
+
+    #[test]
+    fn cache_ttl_ends_at_exp_or_maximum() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let with_exp = |exp| {
+            parse_introspection(format!(r#"{{"active":true,"exp":{exp}}}"#).as_bytes()).unwrap()
+        };
+        assert_eq!(
+            policy(60, 0).ttl(&with_exp(1_000_010), now),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            policy(60, 0).ttl(&with_exp(1_000_600), now),
+            Duration::from_secs(60)
+        );
+        assert_eq!(policy(60, 0).ttl(&with_exp(999_000), now), Duration::ZERO);
+        let no_exp = parse_introspection(br#"{"active":true}"#).unwrap();
+        assert_eq!(policy(60, 0).ttl(&no_exp, now), Duration::from_secs(60));
+        assert_eq!(policy(0, 0).ttl(&with_exp(1_000_600), now), Duration::ZERO);
+    }
+
+    #[test]
+    fn cache_ttl_of_inactive_is_negative_ttl() {
+        let now = SystemTime::now();
+        let inactive = parse_introspection(br#"{"active":false}"#).unwrap();
+        assert_eq!(policy(60, 0).ttl(&inactive, now), Duration::ZERO);
+        assert_eq!(policy(60, 5).ttl(&inactive, now), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn cache_key_depends_on_token_and_endpoint() {
+        let endpoint = |url: &str| IntrospectionEndpoint {
+            url: url.to_string(),
+            client_id: ClientId("validator".into()),
+            client_secret: Secret::new("s", "test"),
+            auth_method: ClientAuthMethod::ClientSecretBasic,
+        };
+        let a = endpoint("http://127.0.0.1:1/introspect");
+        let b = endpoint("http://127.0.0.1:2/introspect");
+        assert_eq!(cache_key(&a, "token-1"), cache_key(&a, "token-1"));
+        assert_ne!(cache_key(&a, "token-1"), cache_key(&a, "token-2"));
+        assert_ne!(cache_key(&a, "token-1"), cache_key(&b, "token-1"));
+        // The key is a digest: the token's bytes do not appear in it.
+        let key = cache_key(&a, "token-1");
+        assert!(!key.windows(7).any(|w| w == b"token-1"));
     }
 }

@@ -1,6 +1,7 @@
 //! OAuth 2.0 client side of the proxy: `token` gets access tokens with the
 //! client-credentials grant (RFC 6749 section 4.4) and caches them, `introspect` sends
-//! introspection requests to learn whether a presented token is active (RFC 7662).
+//! introspection requests to learn whether a presented token is active (RFC 7662), `jwt`
+//! checks JWT access tokens (RFC 9068) with the issuer's keys from `jwks`.
 //!
 //! This module writes no token or client secret into logs or error messages. Logs name a
 //! token by [`token_fingerprint`] only.
@@ -8,6 +9,8 @@
 mod error_response;
 mod exchange;
 pub mod introspect;
+pub mod jwks;
+pub mod jwt;
 pub mod token;
 
 pub use error_response::OAuthError;
@@ -45,6 +48,15 @@ pub enum ClientAuthMethod {
 pub fn token_fingerprint(token: &str) -> String {
     let digest = Sha256::digest(token.as_bytes());
     hex::encode(&digest[..6])
+}
+
+/// Checks that the space-separated `scope` of a token (RFC 6749 section 3.3) contains
+/// every scope in `required`. A scope matches whole, never as a prefix.
+pub fn grants_scopes(scope: Option<&str>, required: &[String]) -> bool {
+    let granted = || scope.unwrap_or("").split_whitespace();
+    required
+        .iter()
+        .all(|needed| granted().any(|scope| scope == needed))
 }
 
 #[cfg(test)]

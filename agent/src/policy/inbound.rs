@@ -1,21 +1,40 @@
-//! The checks a request to a protected pod must pass: a token in the configured header,
-//! a source address inside the allowed networks, an active token (RFC 7662), an allowed
-//! client id and the required scopes. A failure becomes an RFC 6750 error response.
+//! The checks a request to a protected pod must pass: one token, in the configured header
+//! or (when allowed) the query, a source address inside the allowed networks, a valid
+//! token (RFC 7662 introspection or an RFC 9068 JWT), an allowed client id and the scopes
+//! required for the request's method. A failure becomes an RFC 6750 error response. CORS
+//! preflight requests may pass without a token.
 
-use std::net::IpAddr;
+use std::{borrow::Cow, net::IpAddr, time::SystemTime};
 
-use http::{HeaderMap, HeaderValue, StatusCode, header::WWW_AUTHENTICATE};
+use http::{
+    HeaderMap, HeaderValue, Method, StatusCode, Uri,
+    header::{ACCESS_CONTROL_REQUEST_METHOD, ORIGIN, WWW_AUTHENTICATE},
+};
 
 use crate::{
     audit::Decision,
-    config::{TokenHeader, ValidatorSettings},
-    oauth::{ClientId, introspect::Introspector, token_fingerprint},
+    config::{TokenCheck, TokenHeader, ValidatorSettings},
+    oauth::{
+        ClientId, grants_scopes,
+        introspect::{CachePolicy, IntrospectionEndpoint, Introspector},
+        jwks::KeySets,
+        jwt::{self, JwtError, JwtSettings},
+        token_fingerprint,
+    },
 };
+
+/// Query parameter that carries a token (RFC 6750 section 2.3).
+const QUERY_TOKEN_PARAMETER: &str = "access_token";
 
 /// A request that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
-    pub client_id: ClientId,
+    /// The token's client; `None` for a CORS preflight, which carries no token.
+    pub client_id: Option<ClientId>,
+    /// Audit reason: `token_valid`, or `cors_preflight`.
+    pub reason: &'static str,
+    /// The token came in the query, so the URL must lose it before the app sees it.
+    pub token_in_query: bool,
 }
 
 /// A request that failed a check, with the answer the caller gets.
@@ -130,15 +149,102 @@ pub fn extract_token<'h>(headers: &'h HeaderMap, header: &TokenHeader) -> Result
     Ok(token)
 }
 
-/// Runs every check on one request from `peer`.
+/// The services that verify tokens, shared by every inbound connection.
+#[derive(Clone, Copy)]
+pub struct Verifiers<'a> {
+    pub introspector: &'a Introspector,
+    pub key_sets: &'a KeySets,
+}
+
+/// The parts of a request the checks read.
+#[derive(Clone, Copy)]
+pub struct RequestView<'r> {
+    pub method: &'r Method,
+    pub uri: &'r Uri,
+    pub headers: &'r HeaderMap,
+    pub peer: IpAddr,
+}
+
+/// What a valid token proves: its client and its scopes.
+struct Grant {
+    client_id: String,
+    scope: Option<String>,
+}
+
+/// Runs every check on one request.
 pub async fn check(
     settings: &ValidatorSettings,
-    introspector: &Introspector,
-    headers: &HeaderMap,
-    peer: IpAddr,
+    verifiers: Verifiers<'_>,
+    request: RequestView<'_>,
 ) -> Result<Accepted, Denial> {
-    let token = extract_token(headers, &settings.header)?;
+    if settings.allow_cors_preflight && is_cors_preflight(&request) {
+        check_source(settings, request.peer)?;
+        return Ok(Accepted {
+            client_id: None,
+            reason: "cors_preflight",
+            token_in_query: false,
+        });
+    }
 
+    let (token, token_in_query) = locate_token(settings, &request)?;
+    check_source(settings, request.peer)?;
+
+    let grant = match &settings.token_check {
+        TokenCheck::Introspection { endpoint, cache } => {
+            introspect(settings, verifiers.introspector, endpoint, *cache, &token).await?
+        }
+        TokenCheck::Jwt(jwt_settings) => {
+            verify_jwt(settings, verifiers.key_sets, jwt_settings, &token).await?
+        }
+    };
+
+    if !settings.allowed_client_ids.is_empty()
+        && !settings
+            .allowed_client_ids
+            .iter()
+            .any(|id| id.0 == grant.client_id)
+    {
+        let mut denial = Denial::new(
+            StatusCode::FORBIDDEN,
+            "client_id_not_allowed",
+            "the client is not allowed to call this service",
+        );
+        denial.client_id = Some(grant.client_id);
+        return Err(denial);
+    }
+
+    let mut needed = settings.required_scopes.clone();
+    if let Some(for_method) = settings.method_required_scopes.get(request.method) {
+        needed.extend(for_method.iter().cloned());
+    }
+    if !grants_scopes(grant.scope.as_deref(), &needed) {
+        let mut denial = Denial::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            "the access token lacks a required scope",
+        )
+        .with_error("insufficient_scope");
+        denial.client_id = Some(grant.client_id);
+        denial.scope = Some(needed.join(" "));
+        return Err(denial);
+    }
+
+    Ok(Accepted {
+        client_id: Some(ClientId(grant.client_id)),
+        reason: "token_valid",
+        token_in_query,
+    })
+}
+
+/// A CORS preflight request (Fetch standard): `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`. Browsers send it without credentials.
+fn is_cors_preflight(request: &RequestView<'_>) -> bool {
+    *request.method == Method::OPTIONS
+        && request.headers.contains_key(ORIGIN)
+        && request.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+fn check_source(settings: &ValidatorSettings, peer: IpAddr) -> Result<(), Denial> {
     if !settings.allowed_cidrs.is_empty()
         && !settings.allowed_cidrs.iter().any(|net| net.contains(&peer))
     {
@@ -148,11 +254,96 @@ pub async fn check(
             "the source address is not allowed",
         ));
     }
+    Ok(())
+}
 
-    let introspection = match introspector
-        .introspect(&settings.introspection, token)
-        .await
-    {
+/// Finds the one token of the request: in the token header, or in the `access_token`
+/// query parameter when the validator accepts that (RFC 6750 section 2.3). A request that
+/// uses both, or repeats either, is rejected (RFC 6750 section 2). Returns the token and
+/// whether it came from the query.
+fn locate_token<'r>(
+    settings: &ValidatorSettings,
+    request: &RequestView<'r>,
+) -> Result<(Cow<'r, str>, bool), Denial> {
+    let mut in_query = query_tokens(request.uri);
+    if in_query.is_empty() {
+        return extract_token(request.headers, &settings.header)
+            .map(|token| (Cow::Borrowed(token), false));
+    }
+    if !settings.allow_token_in_query {
+        return Err(Denial::new(
+            StatusCode::BAD_REQUEST,
+            "token_in_query_not_allowed",
+            "send the access token in the Authorization header, not in the URL",
+        )
+        .with_error("invalid_request"));
+    }
+    if in_query.len() > 1 || request.headers.contains_key(&settings.header.name) {
+        return Err(Denial::new(
+            StatusCode::BAD_REQUEST,
+            "several_tokens",
+            "the request carries more than one access token",
+        )
+        .with_error("invalid_request"));
+    }
+    let token = in_query.remove(0);
+    if token.trim().is_empty() {
+        return Err(Denial::new(
+            StatusCode::BAD_REQUEST,
+            "empty_token",
+            "the access token is empty",
+        )
+        .with_error("invalid_request"));
+    }
+    Ok((Cow::Owned(token.trim().to_string()), true))
+}
+
+/// Values of every `access_token` query parameter, decoded.
+fn query_tokens(uri: &Uri) -> Vec<String> {
+    let Some(query) = uri.query() else {
+        return Vec::new();
+    };
+    url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(name, _)| name == QUERY_TOKEN_PARAMETER)
+        .map(|(_, value)| value.into_owned())
+        .collect()
+}
+
+/// Returns `uri` without its `access_token` query parameters; other parameters keep their
+/// order and encoding.
+pub fn strip_query_token(uri: &Uri) -> Uri {
+    let Some(query) = uri.query() else {
+        return uri.clone();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            let decoded = url::form_urlencoded::parse(name.as_bytes())
+                .next()
+                .map(|(name, _)| name.into_owned())
+                .unwrap_or_default();
+            decoded != QUERY_TOKEN_PARAMETER
+        })
+        .collect();
+    let mut path_and_query = uri.path().to_string();
+    if !kept.is_empty() {
+        path_and_query.push('?');
+        path_and_query.push_str(&kept.join("&"));
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+async fn introspect(
+    settings: &ValidatorSettings,
+    introspector: &Introspector,
+    endpoint: &IntrospectionEndpoint,
+    cache: CachePolicy,
+    token: &str,
+) -> Result<Grant, Denial> {
+    let introspection = match introspector.introspect_cached(endpoint, token, cache).await {
         Ok(result) => result,
         Err(e) => {
             tracing::warn!(
@@ -178,38 +369,69 @@ pub async fn check(
         )
         .with_error("invalid_token"));
     }
-
-    let client_id = introspection.client_id.clone().unwrap_or_default();
-    if !settings.allowed_client_ids.is_empty()
-        && !settings
-            .allowed_client_ids
-            .iter()
-            .any(|id| id.0 == client_id)
-    {
-        let mut denial = Denial::new(
-            StatusCode::FORBIDDEN,
-            "client_id_not_allowed",
-            "the client is not allowed to call this service",
-        );
-        denial.client_id = Some(client_id);
-        return Err(denial);
-    }
-
-    if !introspection.has_scopes(&settings.required_scopes) {
-        let mut denial = Denial::new(
-            StatusCode::FORBIDDEN,
-            "insufficient_scope",
-            "the access token lacks a required scope",
-        )
-        .with_error("insufficient_scope");
-        denial.client_id = Some(client_id);
-        denial.scope = Some(settings.required_scopes.join(" "));
-        return Err(denial);
-    }
-
-    Ok(Accepted {
-        client_id: ClientId(client_id),
+    Ok(Grant {
+        client_id: introspection.client_id.clone().unwrap_or_default(),
+        scope: introspection.scope.clone(),
     })
+}
+
+async fn verify_jwt(
+    settings: &ValidatorSettings,
+    key_sets: &KeySets,
+    jwt_settings: &JwtSettings,
+    token: &str,
+) -> Result<Grant, Denial> {
+    let keys = key_sets.get(&jwt_settings.keys);
+    match jwt::validate(token, jwt_settings, &keys, SystemTime::now()).await {
+        Ok(claims) => Ok(Grant {
+            client_id: claims.client_id,
+            scope: claims.scope,
+        }),
+        Err(e) => {
+            tracing::debug!(
+                plugin = %settings.plugin_id,
+                token.fingerprint = %token_fingerprint(token),
+                error = %e,
+                "JWT access token rejected"
+            );
+            Err(jwt_denial(&e))
+        }
+    }
+}
+
+/// The answer for a rejected JWT access token. Missing keys are the issuer's problem, not
+/// the caller's, so they get 503 without a challenge.
+fn jwt_denial(error: &JwtError) -> Denial {
+    let description = match error {
+        JwtError::KeysUnavailable(_) => {
+            let mut denial = Denial::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                error.reason(),
+                "the issuer's signing keys are unavailable; retry later",
+            );
+            denial.decision = Decision::Error;
+            return denial;
+        }
+        JwtError::Malformed(_) => "the access token is not a signed JWT",
+        JwtError::AlgorithmNotAllowed(_) => {
+            "the access token's signature algorithm is not accepted"
+        }
+        JwtError::UnsupportedCritical(_) => {
+            "the access token has critical header parameters this service does not support"
+        }
+        JwtError::WrongType(_) => "the access token's typ is not at+jwt",
+        JwtError::UnknownKey(_) => {
+            "the access token is signed with a key the issuer does not publish"
+        }
+        JwtError::BadSignature => "the access token's signature is invalid",
+        JwtError::MissingClaim(_) => "the access token lacks a required claim",
+        JwtError::WrongIssuer(_) => "the access token comes from another issuer",
+        JwtError::WrongAudience(_) => "the access token is meant for another audience",
+        JwtError::Expired(_) => "the access token has expired",
+        JwtError::NotYetValid(_) => "the access token is not valid yet",
+        JwtError::IssuedInFuture(_) => "the access token's issue time is in the future",
+    };
+    Denial::new(StatusCode::UNAUTHORIZED, error.reason(), description).with_error("invalid_token")
 }
 
 #[cfg(test)]
@@ -300,3 +522,6 @@ mod tests {
         assert!(text.contains("scope=\"admin\""), "{text}");
     }
 }
+
+#[cfg(test)]
+mod check_tests;

@@ -5,13 +5,16 @@
 use std::{
     convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
-    sync::Arc,
-    time::Instant,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use http::{HeaderValue, Request, Response};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::{
@@ -22,7 +25,7 @@ use super::{
 use crate::{
     audit::{AuditEvent, Decision, Direction},
     config::{NonHttpAction, ValidatorSettings},
-    policy::inbound::{Accepted, check},
+    policy::inbound::{Accepted, RequestView, Verifiers, check, strip_query_token},
 };
 
 /// Serves one connection that sk_lookup steered to a pod's inbound listener.
@@ -63,7 +66,11 @@ pub async fn serve(
         app,
         shared.settings.connect_timeout,
     ));
+    let requests = Arc::new(AtomicU64::new(0));
+    let counted = requests.clone();
+    let (audit_shared, audit_runtime) = (shared.clone(), runtime.clone());
     let service = service_fn(move |request| {
+        counted.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         let runtime = runtime.clone();
         let upstream = upstream.clone();
@@ -77,10 +84,45 @@ pub async fn serve(
         }
     });
     let served = hyper::server::conn::http1::Builder::new()
+        .max_header_size(MAX_HEADER_BYTES)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .await;
     if let Err(e) = served {
         tracing::debug!(client.addr = %peer, error = %e, "inbound connection ended with an error");
+        if let Some((status, reason)) = rejected_head(&e, requests.load(Ordering::Relaxed)) {
+            let mut event = AuditEvent::new(Direction::Inbound, "http", peer.ip(), original);
+            event.source_pod = audit_shared.pod_name(peer.ip());
+            event.destination_pod = Some(audit_runtime.pod.identity.to_string());
+            event.status = status;
+            event.finish(Decision::Deny, reason, Default::default());
+            audit_shared.audit.record(&event);
+        }
+    }
+}
+
+/// Largest request head (request line and headers) accepted; a larger one gets 431 from
+/// hyper. Tokens and the usual headers fit many times over.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Time a client has to send a complete request head, also between requests on a
+/// keep-alive connection. A client that stalls is disconnected.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The audit status and reason for a request head hyper rejected before any handler ran.
+/// hyper itself answers 431 for a head over [`MAX_HEADER_BYTES`] and 400 for one that does
+/// not parse. A head timeout is audited only when no request came before it, because on a
+/// keep-alive connection it is the normal end of an idle connection.
+fn rejected_head(error: &hyper::Error, requests: u64) -> Option<(Option<u16>, &'static str)> {
+    if error.is_parse_too_large() {
+        Some((Some(431), "headers_too_large"))
+    } else if error.is_parse() {
+        Some((Some(400), "malformed_request"))
+    } else if error.is_timeout() && requests == 0 {
+        Some((None, "header_timeout"))
+    } else {
+        None
     }
 }
 
@@ -101,14 +143,17 @@ async fn handle(
     event.path = Some(request.uri().path().to_string());
     event.plugin = Some(validator.plugin_id.clone());
 
-    let accepted = match check(
-        validator,
-        &shared.introspector,
-        request.headers(),
-        peer.ip(),
-    )
-    .await
-    {
+    let verifiers = Verifiers {
+        introspector: &shared.introspector,
+        key_sets: &shared.key_sets,
+    };
+    let view = RequestView {
+        method: request.method(),
+        uri: request.uri(),
+        headers: request.headers(),
+        peer: peer.ip(),
+    };
+    let accepted = match check(validator, verifiers, view).await {
         Ok(accepted) => accepted,
         Err(denial) => {
             event.client_id = denial.client_id.clone();
@@ -123,13 +168,13 @@ async fn handle(
             return response;
         }
     };
-    event.client_id = Some(accepted.client_id.to_string());
+    event.client_id = accepted.client_id.as_ref().map(ToString::to_string);
     prepare_for_app(validator, &accepted, &mut request);
 
     match upstream.send(request).await {
         Ok(response) => {
             event.status = Some(response.status().as_u16());
-            event.finish(Decision::Allow, "token_valid", started.elapsed());
+            event.finish(Decision::Allow, accepted.reason, started.elapsed());
             shared.audit.record(&event);
             respond::forwarded(response)
         }
@@ -150,19 +195,25 @@ async fn handle(
     }
 }
 
-/// Removes the token (when configured) and any client id header the caller sent, then
-/// sets the client id the agent proved.
+/// Removes the token (when configured, and always from the URL) and any client id header
+/// the caller sent, then sets the client id the agent proved.
 fn prepare_for_app(
     validator: &ValidatorSettings,
     accepted: &Accepted,
     request: &mut Request<Incoming>,
 ) {
+    if accepted.token_in_query {
+        *request.uri_mut() = strip_query_token(request.uri());
+    }
     let headers = request.headers_mut();
     if validator.remove_token_header {
         headers.remove(&validator.header.name);
     }
     headers.remove(&validator.client_id_header);
-    match HeaderValue::from_str(&accepted.client_id.0) {
+    let Some(client_id) = &accepted.client_id else {
+        return;
+    };
+    match HeaderValue::from_str(&client_id.0) {
         Ok(value) => {
             headers.insert(validator.client_id_header.clone(), value);
         }

@@ -24,7 +24,7 @@ use crate::{
     audit::Audit,
     config::ProxyConfig,
     netns::Netns,
-    oauth::{introspect::Introspector, token::TokenSource},
+    oauth::{introspect::Introspector, jwks::KeySets, token::TokenSource},
     policy::PodPolicy,
     steering::Steering,
     workloads::{Pod, PodIdentity},
@@ -37,6 +37,8 @@ pub struct Shared {
     pub audit: Audit,
     pub tokens: TokenSource,
     pub introspector: Introspector,
+    /// Issuers' signing keys for JWT access tokens, by source.
+    pub key_sets: KeySets,
     pub steering: Arc<Steering>,
     pub settings: ProxyConfig,
     /// Pods of this node by address, to name both ends in audit records.

@@ -15,7 +15,7 @@ use crate::{
     admin::{self, Readiness},
     audit::Audit,
     config::{Config, OnExit},
-    oauth::{introspect::Introspector, token::TokenSource},
+    oauth::{introspect::Introspector, jwks::KeySets, token::TokenSource},
     policy::PodPolicy,
     proxy::{self, Shared},
     steering::{self, Steering, SteeringSettings},
@@ -74,7 +74,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         audit,
         tokens: TokenSource::new(http.clone(), config.proxy.token_refresh_skew),
-        introspector: Introspector::new(http),
+        introspector: Introspector::new(http.clone()),
+        key_sets: KeySets::new(http),
         steering: steering.clone(),
         settings: config.proxy.clone(),
         pods_by_ip: pods
