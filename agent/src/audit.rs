@@ -53,6 +53,9 @@ pub struct AuditEvent {
     pub path: Option<String>,
     pub client_id: Option<String>,
     pub plugin: Option<String>,
+    /// Index of the `urls:` rule that matched the request, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
     pub decision: Decision,
     /// Short machine-readable cause, such as `client_id_not_allowed`.
     pub reason: &'static str,
@@ -87,6 +90,7 @@ impl AuditEvent {
             path: None,
             client_id: None,
             plugin: None,
+            rule: None,
             decision: Decision::Error,
             reason: "",
             status: None,

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod explain;
 pub mod netns;
 pub mod oauth;
 pub mod policy;

@@ -1,9 +1,9 @@
 //! `tokenmesh-agent`: the node agent's command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand};
-use tokenmesh_agent::{config::Config, run, steering};
+use tokenmesh_agent::{config::Config, explain, run, steering};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent until SIGINT or SIGTERM.
+    /// Run the agent until SIGINT or SIGTERM; SIGHUP or a change to the config or
+    /// workloads file reloads them.
     Run {
         /// The agent's YAML configuration file.
         #[arg(long, short)]
@@ -29,6 +30,18 @@ enum Command {
     CheckConfig {
         /// The YAML configuration file to check.
         file: PathBuf,
+    },
+    /// Print which rule and plugins would apply to a request from a pod to a URL.
+    Explain {
+        /// The YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The calling pod: its name or namespace/name in the workloads file.
+        #[arg(long)]
+        from: String,
+        /// The request URL, such as http://10.0.0.3:8080/api/echo.
+        #[arg(long)]
+        to: String,
     },
     /// Detach the eBPF programs and remove the pins an agent left in place on exit.
     Uninstall {
@@ -44,14 +57,25 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let env = |name: &str| std::env::var(name).ok();
     let result = match cli.command {
         Command::Run { config } => Config::load(&config, &env)
             .map_err(anyhow::Error::from)
-            .and_then(|config| tokio::runtime::Runtime::new()?.block_on(run::run(config))),
+            .and_then(|config| {
+                let env: run::Env = Arc::new(|name: &str| std::env::var(name).ok());
+                tokio::runtime::Runtime::new()?.block_on(run::run(config, env))
+            }),
         Command::CheckConfig { file } => check_config(&file, &env),
+        Command::Explain { config, from, to } => Config::load(&config, &env)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| {
+                let pods = run::load_pods(&config, &cgroup_mount_or_default())?;
+                print!("{}", explain::explain(&config, &pods, &from, &to)?);
+                Ok(())
+            }),
         Command::Uninstall { config } => Config::load(&config, &env)
             .map_err(anyhow::Error::from)
             .and_then(|config| {
@@ -77,8 +101,7 @@ fn check_config(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> anyhow::Result<()> {
     let config = Config::load(file, env)?;
-    let cgroup_mount =
-        steering::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"));
+    let cgroup_mount = cgroup_mount_or_default();
     let pods = run::load_pods(&config, &cgroup_mount)?;
     println!(
         "{}: valid ({} plugins, {} pods in {})",
@@ -88,4 +111,9 @@ fn check_config(
         config.workloads_file.display()
     );
     Ok(())
+}
+
+/// The cgroup v2 mount, for commands that only read files and may run off the node.
+fn cgroup_mount_or_default() -> PathBuf {
+    steering::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"))
 }

@@ -4,7 +4,9 @@
 //! collected with the key it concerns, so one run of `check-config` lists them all.
 //! Nothing takes effect until the whole file is valid.
 
+mod locate;
 mod plugins;
+mod rules;
 pub mod secret;
 
 use std::{
@@ -15,10 +17,14 @@ use std::{
 
 use serde::Deserialize;
 
+pub use locate::Location;
+use locate::Locations;
+
 pub use plugins::{
     CreatorSettings, NonHttpAction, Plugin, PluginKind, PluginSpec, PluginType, TokenCheck,
     TokenFormat, TokenHeader, ValidatorSettings, WorkloadSelector,
 };
+pub use rules::{RulePlugin, UrlRule};
 
 /// A configuration file that parsed and passed validation.
 #[derive(Debug, Clone)]
@@ -31,6 +37,8 @@ pub struct Config {
     pub audit: AuditConfig,
     pub admin: AdminConfig,
     pub plugins: Vec<Plugin>,
+    /// Per-route plugin overrides; the first rule that matches a request applies.
+    pub urls: Vec<UrlRule>,
 }
 
 /// What the agent does with its eBPF programs when it exits.
@@ -46,7 +54,7 @@ pub enum OnExit {
 }
 
 /// `steering:` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SteeringConfig {
     /// bpffs folder for the pinned maps and links.
@@ -67,7 +75,7 @@ pub struct SteeringConfig {
 }
 
 /// `proxy:` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// How long to wait for a client's first bytes before treating the connection as
@@ -97,7 +105,7 @@ impl Default for ProxyConfig {
 }
 
 /// `admin:` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the `/healthz` and `/readyz` endpoint, in the node's namespace.
@@ -118,7 +126,7 @@ fn default_admin_listen() -> std::net::SocketAddr {
 }
 
 /// `audit:` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// File the JSON lines are appended to; `-` writes them to stdout.
@@ -173,6 +181,8 @@ struct RawConfig {
     admin: AdminConfig,
     #[serde(default)]
     plugins: Vec<PluginSpec>,
+    #[serde(default)]
+    urls: Vec<rules::RuleSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +198,8 @@ pub struct Problem {
     /// Dotted key, such as `plugins[1].parameters.allowed_cidrs[0]`; empty for syntax errors.
     pub key: String,
     pub message: String,
+    /// Where the key (or, for a missing key, its parent) is in the file.
+    pub location: Option<Location>,
 }
 
 /// Every problem found in one configuration file.
@@ -207,11 +219,14 @@ impl fmt::Display for ConfigError {
             self.file.display()
         )?;
         for problem in &self.problems {
-            if problem.key.is_empty() {
-                write!(f, "\n  - {}", problem.message)?;
-            } else {
-                write!(f, "\n  - {}: {}", problem.key, problem.message)?;
+            write!(f, "\n  - ")?;
+            if let Some(at) = problem.location {
+                write!(f, "line {} column {}: ", at.line, at.column)?;
             }
+            if !problem.key.is_empty() {
+                write!(f, "{}: ", problem.key)?;
+            }
+            write!(f, "{}", problem.message)?;
         }
         Ok(())
     }
@@ -226,6 +241,7 @@ impl Problems {
         self.0.push(Problem {
             key: key.into(),
             message: message.into(),
+            location: None,
         });
     }
 }
@@ -238,6 +254,7 @@ impl Config {
             problems: vec![Problem {
                 key: String::new(),
                 message: format!("cannot read the file: {e}"),
+                location: None,
             }],
         })?;
         Config::parse(&text, path, env)
@@ -254,9 +271,14 @@ impl Config {
             problems,
         };
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| {
+            let location = e.location().map(|at| Location {
+                line: at.line(),
+                column: at.column(),
+            });
             error(vec![Problem {
                 key: String::new(),
                 message: e.to_string(),
+                location,
             }])
         })?;
 
@@ -265,9 +287,25 @@ impl Config {
         validate_steering(&raw.steering, &mut problems);
         validate_proxy(&raw.proxy, &mut problems);
         let plugins = plugins::validate(&raw.plugins, base_dir, env, &mut problems);
+        // The typed parse succeeded, so the same text parses as a plain document, which
+        // is what rule parameters are merged from.
+        let document: serde_yaml::Value = serde_yaml::from_str(text).unwrap_or_default();
+        let urls = rules::validate(
+            &raw.urls,
+            &raw.plugins,
+            &document,
+            base_dir,
+            env,
+            &mut problems,
+        );
 
         if !problems.0.is_empty() {
-            return Err(error(problems.0));
+            let locations = Locations::of(text);
+            let mut found = problems.0;
+            for problem in &mut found {
+                problem.location = locations.find(&problem.key);
+            }
+            return Err(error(found));
         }
         Ok(Config {
             path: path.to_path_buf(),
@@ -279,6 +317,7 @@ impl Config {
             },
             admin: raw.admin,
             plugins,
+            urls,
         })
     }
 }

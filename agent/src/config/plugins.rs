@@ -2,6 +2,7 @@
 //! `parameters`; the two types mirror SlashID Gate's OAuth 2.0 plugins: `token-creator`
 //! (Gate's `request-oauth2-authenticator`) and `token-validator` (`validate-oauth2-token`).
 
+mod creator;
 mod validator;
 
 use std::{
@@ -20,8 +21,9 @@ use crate::{
     oauth::{
         ClientAuthMethod, ClientId,
         introspect::{CachePolicy, IntrospectionEndpoint},
+        assertion::SigningAlgorithm,
         jwt::JwtSettings,
-        token::ClientCredentials,
+        token::{ClientCredentials, TokenEndpointAuthMethod},
     },
     workloads::Pod,
 };
@@ -53,13 +55,16 @@ pub enum PluginType {
     TokenValidator,
 }
 
-/// Selects pods by namespace, service account and name; every field given must match.
+/// Selects pods by namespace, service account, name and labels; every field given must
+/// match, and every label listed must be on the pod with that value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSelector {
     pub namespace: Option<String>,
     pub service_account: Option<String>,
     pub pods: Option<Vec<String>>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl WorkloadSelector {
@@ -76,7 +81,11 @@ impl WorkloadSelector {
             .pods
             .as_ref()
             .is_none_or(|names| names.contains(&pod.identity.name));
-        namespace_ok && account_ok && name_ok
+        let labels_ok = self
+            .labels
+            .iter()
+            .all(|(key, value)| pod.labels.get(key) == Some(value));
+        namespace_ok && account_ok && name_ok && labels_ok
     }
 }
 
@@ -112,8 +121,22 @@ pub struct Parameters {
     pub token_endpoint: Option<String>,
     pub client_id: Option<String>,
     pub client_secret: Option<String>,
-    pub client_auth_method: Option<ClientAuthMethod>,
+    pub client_auth_method: Option<TokenEndpointAuthMethod>,
     pub scopes: Option<Vec<String>>,
+    /// `private_key_jwt`: reference (`file:PATH` or `${VAR}`) to a PEM private key.
+    pub private_key: Option<String>,
+    pub signing_alg: Option<SigningAlgorithm>,
+    pub key_id: Option<String>,
+    pub assertion_audience: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub assertion_lifetime: Option<Duration>,
+    pub audience: Option<String>,
+    pub resources: Option<Vec<String>>,
+    pub token_request_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub token_request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub token_request_min_interval: Option<Duration>,
 
     pub token_format: Option<TokenFormat>,
     pub introspection_url: Option<String>,
@@ -242,20 +265,15 @@ pub(super) fn validate(
                 ),
             );
         }
-        let mut checker = Checker {
-            key: format!("{key}.parameters"),
+        let kind = check_parameters(
+            spec.plugin_type,
+            &spec.id,
+            &spec.parameters,
+            &format!("{key}.parameters"),
             base_dir,
             env,
             problems,
-        };
-        let kind = match spec.plugin_type {
-            PluginType::TokenCreator => checker
-                .creator(&spec.id, &spec.parameters)
-                .map(PluginKind::Creator),
-            PluginType::TokenValidator => checker
-                .validator(&spec.id, &spec.parameters)
-                .map(PluginKind::Validator),
-        };
+        );
         if let Some(kind) = kind {
             plugins.push(Plugin {
                 id: spec.id.clone(),
@@ -266,6 +284,28 @@ pub(super) fn validate(
         }
     }
     plugins
+}
+
+/// Checks one plugin's parameters, recording problems under `key`, and builds its settings.
+pub(super) fn check_parameters(
+    plugin_type: PluginType,
+    id: &str,
+    parameters: &Parameters,
+    key: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<PluginKind> {
+    let mut checker = Checker {
+        key: key.to_string(),
+        base_dir,
+        env,
+        problems,
+    };
+    match plugin_type {
+        PluginType::TokenCreator => checker.creator(id, parameters).map(PluginKind::Creator),
+        PluginType::TokenValidator => checker.validator(id, parameters).map(PluginKind::Validator),
+    }
 }
 
 struct Checker<'a> {
@@ -372,28 +412,6 @@ impl Checker<'_> {
     fn client_id(&mut self, field: &str, value: &Option<String>) -> Option<ClientId> {
         self.required(field, value)
             .map(|id| ClientId(id.to_string()))
-    }
-
-    fn creator(&mut self, id: &str, params: &Parameters) -> Option<Arc<CreatorSettings>> {
-        for (field, present) in validator::validator_only_fields(params) {
-            self.forbidden(field, present, "token-creator");
-        }
-        let token_endpoint = self.url("token_endpoint", &params.token_endpoint);
-        let client_id = self.client_id("client_id", &params.client_id);
-        let client_secret = self.secret("client_secret", &params.client_secret);
-        let scopes = self.scopes("scopes", &params.scopes);
-        let header = self.token_header(params);
-        Some(Arc::new(CreatorSettings {
-            plugin_id: id.to_string(),
-            credentials: ClientCredentials {
-                token_endpoint: token_endpoint?,
-                client_id: client_id?,
-                client_secret: client_secret?,
-                auth_method: params.client_auth_method.unwrap_or_default(),
-                scopes,
-            },
-            header: header?,
-        }))
     }
 
 }

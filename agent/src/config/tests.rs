@@ -228,7 +228,14 @@ fn shipped_example_is_valid() {
     let workloads = config.workloads_file.clone();
     let pods = crate::workloads::load_file(&workloads, Path::new("/sys/fs/cgroup")).unwrap();
     assert_eq!(pods.len(), 2);
-    let policy = crate::policy::PodPolicy::for_pod(&config.plugins, &pods[1]);
-    assert_eq!(policy.validator.unwrap().plugin_id, "echo-validator");
-    assert!(policy.creator.is_none());
+    let policy = crate::policy::Policy::from_config(&config, 1);
+    let target = crate::policy::pattern::Target {
+        host: None,
+        ip: pods[1].ip.into(),
+        port: 8080,
+        path: "/",
+    };
+    let validator = policy.validator_for(&pods[1], &target).settings.unwrap();
+    assert_eq!(validator.plugin_id, "echo-validator");
+    assert!(policy.creator_for(&pods[1], &target).settings.is_none());
 }

@@ -1,41 +1,101 @@
-//! Which plugins apply to which pod, and the inbound checks a request must pass.
+//! Which plugins apply to a request: the pod's plugins, chosen by workload selectors,
+//! adjusted by the first `urls:` rule whose pattern matches the request. A `Policy` is an
+//! immutable snapshot; a reload builds a new one and swaps it in whole.
 
 pub mod inbound;
+pub mod pattern;
 
 use std::sync::Arc;
 
 use crate::{
-    config::{CreatorSettings, Plugin, PluginKind, ValidatorSettings},
+    config::{Config, CreatorSettings, Plugin, PluginKind, UrlRule, ValidatorSettings},
     workloads::Pod,
 };
+use pattern::Target;
 
-/// The plugins that apply to one pod.
+/// The plugins and rules of one configuration.
 #[derive(Debug, Clone, Default)]
-pub struct PodPolicy {
-    /// Adds tokens to the pod's outbound requests.
-    pub creator: Option<Arc<CreatorSettings>>,
-    /// Validates requests to the pod's protected ports.
-    pub validator: Option<Arc<ValidatorSettings>>,
+pub struct Policy {
+    /// Counts reloads, starting at 1, for logs.
+    pub generation: u64,
+    plugins: Vec<Plugin>,
+    rules: Vec<UrlRule>,
 }
 
-impl PodPolicy {
-    /// Picks, for each plugin type, the first enabled plugin whose selector matches `pod`.
-    pub fn for_pod(plugins: &[Plugin], pod: &Pod) -> PodPolicy {
-        let mut policy = PodPolicy::default();
-        for plugin in plugins
-            .iter()
-            .filter(|p| p.enabled && p.workloads.matches(pod))
-        {
-            match &plugin.kind {
-                PluginKind::Creator(settings) if policy.creator.is_none() => {
-                    policy.creator = Some(settings.clone());
-                }
-                PluginKind::Validator(settings) if policy.validator.is_none() => {
-                    policy.validator = Some(settings.clone());
-                }
-                _ => {}
-            }
+/// The plugin that applies to a request, and why.
+#[derive(Debug, Clone)]
+pub struct Selection<T> {
+    pub settings: Option<Arc<T>>,
+    /// Index of the `urls:` rule that matched, if any.
+    pub rule: Option<usize>,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config, generation: u64) -> Policy {
+        Policy {
+            generation,
+            plugins: config.plugins.clone(),
+            rules: config.urls.clone(),
         }
-        policy
+    }
+
+    /// The first rule whose pattern matches `target`.
+    pub fn rule_for(&self, target: &Target<'_>) -> Option<&UrlRule> {
+        self.rules.iter().find(|rule| rule.pattern.matches(target))
+    }
+
+    /// The token creator for a request that `pod` sends to `target`.
+    pub fn creator_for(&self, pod: &Pod, target: &Target<'_>) -> Selection<CreatorSettings> {
+        self.select(pod, target, |kind| match kind {
+            PluginKind::Creator(settings) => Some(settings.clone()),
+            PluginKind::Validator(_) => None,
+        })
+    }
+
+    /// The token validator for a request to `pod` at `target`.
+    pub fn validator_for(&self, pod: &Pod, target: &Target<'_>) -> Selection<ValidatorSettings> {
+        self.select(pod, target, |kind| match kind {
+            PluginKind::Validator(settings) => Some(settings.clone()),
+            PluginKind::Creator(_) => None,
+        })
+    }
+
+    /// Picks the first plugin of the wanted type that selects `pod` and is enabled, after
+    /// the matching rule's overrides.
+    fn select<T>(
+        &self,
+        pod: &Pod,
+        target: &Target<'_>,
+        settings_of: impl Fn(&PluginKind) -> Option<Arc<T>>,
+    ) -> Selection<T> {
+        let rule = self.rule_for(target);
+        for plugin in &self.plugins {
+            let Some(base) = settings_of(&plugin.kind) else {
+                continue;
+            };
+            if !plugin.workloads.matches(pod) {
+                continue;
+            }
+            let adjusted = rule.and_then(|rule| rule.plugins.get(&plugin.id));
+            let enabled = adjusted.and_then(|a| a.enabled).unwrap_or(plugin.enabled);
+            if !enabled {
+                continue;
+            }
+            let settings = adjusted
+                .and_then(|a| a.settings.as_ref())
+                .and_then(&settings_of)
+                .unwrap_or(base);
+            return Selection {
+                settings: Some(settings),
+                rule: rule.map(|r| r.index),
+            };
+        }
+        Selection {
+            settings: None,
+            rule: rule.map(|r| r.index),
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

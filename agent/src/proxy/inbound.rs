@@ -20,12 +20,16 @@ use tokio::net::TcpStream;
 use super::{
     PodRuntime, Shared, detect, respond,
     tcp::{flow_event, pass_through},
+    request_target,
     upstream::{HttpUpstream, ProxyBody},
 };
 use crate::{
     audit::{AuditEvent, Decision, Direction},
     config::{NonHttpAction, ValidatorSettings},
-    policy::inbound::{Accepted, RequestView, Verifiers, check, strip_query_token},
+    policy::{
+        inbound::{Accepted, RequestView, Verifiers, check, strip_query_token},
+        pattern::Target,
+    },
 };
 
 /// Serves one connection that sk_lookup steered to a pod's inbound listener.
@@ -35,9 +39,6 @@ pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
 ) {
-    let Some(validator) = runtime.policy.validator.clone() else {
-        return;
-    };
     let Ok(original) = stream.local_addr() else {
         return;
     };
@@ -50,8 +51,20 @@ pub async fn serve(
         let mut event = flow_event(Direction::Inbound, peer, original);
         event.source_pod = shared.pod_name(peer.ip());
         event.destination_pod = Some(runtime.pod.identity.to_string());
-        event.plugin = Some(validator.plugin_id.clone());
-        match validator.non_http {
+        let target = Target {
+            host: None,
+            ip: original.ip(),
+            port: original.port(),
+            path: "",
+        };
+        let validator = shared
+            .policy
+            .load()
+            .validator_for(&runtime.pod, &target)
+            .settings;
+        event.plugin = validator.as_ref().map(|v| v.plugin_id.clone());
+        let action = validator.map_or(NonHttpAction::Allow, |v| v.non_http);
+        match action {
             NonHttpAction::Allow => pass_through(&shared, &runtime, stream, event, app).await,
             NonHttpAction::Deny => {
                 event.finish(Decision::Deny, "not_http", Default::default());
@@ -74,12 +87,8 @@ pub async fn serve(
         let shared = shared.clone();
         let runtime = runtime.clone();
         let upstream = upstream.clone();
-        let validator = validator.clone();
         async move {
-            let response = handle(
-                &shared, &runtime, &validator, &upstream, peer, original, request,
-            )
-            .await;
+            let response = handle(&shared, &runtime, &upstream, peer, original, request).await;
             Ok::<_, Infallible>(response)
         }
     });
@@ -129,7 +138,6 @@ fn rejected_head(error: &hyper::Error, requests: u64) -> Option<(Option<u16>, &'
 async fn handle(
     shared: &Shared,
     runtime: &PodRuntime,
-    validator: &ValidatorSettings,
     upstream: &HttpUpstream,
     peer: SocketAddr,
     original: SocketAddr,
@@ -141,6 +149,17 @@ async fn handle(
     event.destination_pod = Some(runtime.pod.identity.to_string());
     event.method = Some(request.method().to_string());
     event.path = Some(request.uri().path().to_string());
+
+    let target = request_target(&request, original);
+    let selection = shared.policy.load().validator_for(&runtime.pod, &target);
+    event.rule = selection.rule;
+    let Some(validator) = selection.settings else {
+        // No validator applies here, for example a rule that turns it off for a health
+        // check path: the request goes to the app unchanged.
+        return forward(shared, runtime, upstream, request, event, started, "no_token_validator")
+            .await;
+    };
+    let validator = validator.as_ref();
     event.plugin = Some(validator.plugin_id.clone());
 
     let verifiers = Verifiers {
@@ -170,11 +189,23 @@ async fn handle(
     };
     event.client_id = accepted.client_id.as_ref().map(ToString::to_string);
     prepare_for_app(validator, &accepted, &mut request);
+    forward(shared, runtime, upstream, request, event, started, accepted.reason).await
+}
 
+/// Sends an accepted request to the app and records the outcome.
+async fn forward(
+    shared: &Shared,
+    runtime: &PodRuntime,
+    upstream: &HttpUpstream,
+    request: Request<Incoming>,
+    mut event: AuditEvent,
+    started: Instant,
+    reason: &'static str,
+) -> Response<ProxyBody> {
     match upstream.send(request).await {
         Ok(response) => {
             event.status = Some(response.status().as_u16());
-            event.finish(Decision::Allow, accepted.reason, started.elapsed());
+            event.finish(Decision::Allow, reason, started.elapsed());
             shared.audit.record(&event);
             respond::forwarded(response)
         }

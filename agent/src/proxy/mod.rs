@@ -17,6 +17,8 @@ use std::{
     sync::Arc,
 };
 
+use arc_swap::ArcSwap;
+use http::{Request, header::HOST};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -25,7 +27,7 @@ use crate::{
     config::ProxyConfig,
     netns::Netns,
     oauth::{introspect::Introspector, jwks::KeySets, token::TokenSource},
-    policy::PodPolicy,
+    policy::{Policy, pattern::Target},
     steering::Steering,
     workloads::{Pod, PodIdentity},
 };
@@ -41,8 +43,11 @@ pub struct Shared {
     pub key_sets: KeySets,
     pub steering: Arc<Steering>,
     pub settings: ProxyConfig,
+    /// Plugins and rules; a reload swaps in a new snapshot while requests in flight
+    /// finish with the one they loaded.
+    pub policy: ArcSwap<Policy>,
     /// Pods of this node by address, to name both ends in audit records.
-    pub pods_by_ip: HashMap<IpAddr, PodIdentity>,
+    pub pods_by_ip: ArcSwap<HashMap<IpAddr, PodIdentity>>,
     pub shutdown: CancellationToken,
     /// Accept loops and connections, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -50,15 +55,55 @@ pub struct Shared {
 
 impl Shared {
     pub fn pod_name(&self, ip: IpAddr) -> Option<String> {
-        self.pods_by_ip.get(&ip).map(ToString::to_string)
+        self.pods_by_ip.load().get(&ip).map(ToString::to_string)
     }
 }
 
 /// One pod as the proxy sees it.
 pub struct PodRuntime {
     pub pod: Pod,
-    pub policy: PodPolicy,
     pub netns: Netns,
+}
+
+/// A pod whose listeners run; `stop_pod` tears them down.
+pub struct PodHandle {
+    runtime: Arc<PodRuntime>,
+    /// Stops the pod's accept loops; connections already accepted finish.
+    cancel: CancellationToken,
+    inbound: bool,
+}
+
+impl PodHandle {
+    pub fn pod(&self) -> &Pod {
+        &self.runtime.pod
+    }
+}
+
+/// What a request is matched against in the `urls:` rules: the `Host` header without its
+/// port, and the original destination.
+pub fn request_target<'r, B>(request: &'r Request<B>, destination: SocketAddr) -> Target<'r> {
+    let host = request
+        .headers()
+        .get(HOST)
+        .and_then(|value| value.to_str().ok())
+        .or_else(|| request.uri().host())
+        .map(strip_port);
+    Target {
+        host,
+        ip: destination.ip(),
+        port: destination.port(),
+        path: request.uri().path(),
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    }
 }
 
 /// Why a pod's listeners could not be set up.
@@ -88,13 +133,14 @@ pub enum PodSetupError {
 }
 
 /// Opens the pod's listeners, registers them with the eBPF programs and starts serving.
+/// Pods with protected ports get an inbound listener; which validator applies is decided
+/// per request from the current policy.
 pub async fn start_pod(
     shared: &Arc<Shared>,
     pod: Pod,
-    policy: PodPolicy,
     outbound_port: u16,
     inbound_port: u16,
-) -> Result<(), PodSetupError> {
+) -> Result<PodHandle, PodSetupError> {
     let identity = pod.identity.clone();
     let netns = Netns::open(&pod.netns).map_err(|source| PodSetupError::Netns {
         pod: identity.clone(),
@@ -122,52 +168,65 @@ pub async fn start_pod(
     };
 
     let outbound_listener = listen(outbound_port).await?;
-    let inbound_listener = match (&policy.validator, pod.protected_ports.is_empty()) {
-        (Some(_), false) => Some(listen(inbound_port).await?),
-        (None, false) => {
-            tracing::warn!(
-                pod = %identity,
-                ports = ?pod.protected_ports,
-                "pod lists protected ports but no token-validator plugin selects it; its inbound traffic is not checked"
-            );
-            None
-        }
-        _ => None,
+    let inbound_listener = if pod.protected_ports.is_empty() {
+        None
+    } else {
+        Some(listen(inbound_port).await?)
     };
 
-    let runtime = Arc::new(PodRuntime { pod, policy, netns });
-    if let Some(listener) = &inbound_listener {
+    let runtime = Arc::new(PodRuntime { pod, netns });
+    let cancel = shared.shutdown.child_token();
+    let inbound = inbound_listener.is_some();
+    if let Some(listener) = inbound_listener {
         shared
             .steering
             .protect_inbound(
                 &runtime.netns,
                 runtime.pod.ip,
                 &runtime.pod.protected_ports,
-                listener,
+                &listener,
             )
             .map_err(steering_error)?;
-        spawn_accept_loop(shared, &runtime, inbound_listener.unwrap(), inbound::serve);
+        spawn_accept_loop(shared, &runtime, &cancel, listener, inbound::serve);
     }
     shared
         .steering
         .enroll_outbound(runtime.netns.cookie(), outbound_port)
         .map_err(steering_error)?;
-    spawn_accept_loop(shared, &runtime, outbound_listener, outbound::serve);
+    spawn_accept_loop(shared, &runtime, &cancel, outbound_listener, outbound::serve);
 
     tracing::info!(
         pod = %runtime.pod.identity,
         pod.ip = %runtime.pod.ip,
-        creator = runtime.policy.creator.as_ref().map(|c| c.plugin_id.as_str()),
-        validator = runtime.policy.validator.as_ref().map(|v| v.plugin_id.as_str()),
         protected_ports = ?runtime.pod.protected_ports,
         "pod enrolled"
     );
+    Ok(PodHandle {
+        runtime,
+        cancel,
+        inbound,
+    })
+}
+
+/// Stops steering the pod's traffic and closes its listeners. Connections already
+/// accepted finish on their own.
+pub fn stop_pod(shared: &Shared, handle: PodHandle) -> Result<(), crate::steering::SteeringError> {
+    let runtime = &handle.runtime;
+    shared.steering.remove_outbound(runtime.netns.cookie())?;
+    if handle.inbound {
+        shared
+            .steering
+            .unprotect_inbound(&runtime.netns, runtime.pod.ip)?;
+    }
+    handle.cancel.cancel();
+    tracing::info!(pod = %runtime.pod.identity, "pod removed");
     Ok(())
 }
 
 fn spawn_accept_loop<F, Fut>(
     shared: &Arc<Shared>,
     runtime: &Arc<PodRuntime>,
+    cancel: &CancellationToken,
     listener: TcpListener,
     serve: F,
 ) where
@@ -176,11 +235,12 @@ fn spawn_accept_loop<F, Fut>(
 {
     let shared = shared.clone();
     let runtime = runtime.clone();
+    let cancel = cancel.clone();
     let tasks = shared.tasks.clone();
     tasks.spawn(async move {
         loop {
             let accepted = tokio::select! {
-                _ = shared.shutdown.cancelled() => break,
+                _ = cancel.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
             match accepted {

@@ -8,19 +8,20 @@ use std::{
     time::Instant,
 };
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, header::RETRY_AFTER};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{
-    PodRuntime, Shared, detect, respond,
+    PodRuntime, Shared, detect, request_target, respond,
     tcp::{flow_event, pass_through},
     upstream::{HttpUpstream, ProxyBody},
 };
 use crate::{
     audit::{AuditEvent, Decision, Direction},
     config::CreatorSettings,
+    oauth::token::{ClientCredentials, TokenError},
 };
 
 /// Serves one connection accepted on a pod's outbound listener.
@@ -90,7 +91,11 @@ async fn handle(
     event.method = Some(request.method().to_string());
     event.path = Some(request.uri().path().to_string());
 
-    if let Some(creator) = &runtime.policy.creator {
+    let target = request_target(&request, SocketAddr::V4(original));
+    let selection = shared.policy.load().creator_for(&runtime.pod, &target);
+    event.rule = selection.rule;
+    let creator = selection.settings;
+    if let Some(creator) = &creator {
         event.plugin = Some(creator.plugin_id.clone());
         event.client_id = Some(creator.credentials.client_id.to_string());
         if let Err(response) = attach_token(shared, creator, &mut request).await {
@@ -101,7 +106,7 @@ async fn handle(
         }
     }
 
-    let reason = if runtime.policy.creator.is_some() {
+    let reason = if creator.is_some() {
         "token_added"
     } else {
         "no_token_creator"
@@ -135,19 +140,14 @@ async fn attach_token(
     let token = match shared.tokens.token(credentials).await {
         Ok(token) => token,
         Err(e) => {
-            tracing::warn!(
+            // The token source logs each failed token request once; this is per request.
+            tracing::debug!(
                 plugin = %creator.plugin_id,
                 client.id = %credentials.client_id,
                 error = %e,
                 "no access token; answering 503"
             );
-            return Err(respond::text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "tokenmesh: no access token could be obtained for client {}; the request was not sent\n",
-                    credentials.client_id
-                ),
-            ));
+            return Err(token_unavailable(credentials, &e));
         }
     };
     let value = if creator.header.bearer {
@@ -167,4 +167,23 @@ async fn attach_token(
     headers.remove(&creator.header.name);
     headers.insert(creator.header.name.clone(), value);
     Ok(())
+}
+
+/// Builds the 503 for a request that was not sent because no token could be had. The
+/// body names the client and the cause, which carry no secret. `Retry-After` is the
+/// interval within which the agent does not ask the provider again.
+fn token_unavailable(credentials: &ClientCredentials, error: &TokenError) -> Response<ProxyBody> {
+    let mut response = respond::text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "tokenmesh: token_unavailable: no access token could be obtained for client {}, \
+             so the request was not sent.\ncause: {error}\n",
+            credentials.client_id
+        ),
+    );
+    let retry_after = credentials.min_request_interval.as_secs_f64().ceil().max(1.0) as u64;
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(retry_after));
+    response
 }

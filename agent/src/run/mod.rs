@@ -1,4 +1,10 @@
-//! The agent's lifecycle: load, steer, serve every pod, and shut down on a signal.
+//! The agent's lifecycle: load, steer, serve every pod, reload, and shut down on a signal.
+
+mod pods;
+mod reload;
+
+pub use pods::{Changes, PodSet};
+use reload::Reloader;
 
 use std::{
     collections::HashMap,
@@ -8,6 +14,7 @@ use std::{
 };
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -16,8 +23,8 @@ use crate::{
     audit::Audit,
     config::{Config, OnExit},
     oauth::{introspect::Introspector, jwks::KeySets, token::TokenSource},
-    policy::PodPolicy,
-    proxy::{self, Shared},
+    policy::Policy,
+    proxy::Shared,
     steering::{self, Steering, SteeringSettings},
     workloads::{self, Pod},
 };
@@ -44,8 +51,11 @@ pub fn load_pods(config: &Config, cgroup_mount: &Path) -> anyhow::Result<Vec<Pod
     Ok(pods)
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Where secrets referenced as `${VAR}` are looked up.
+pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Runs the agent until SIGINT or SIGTERM, reloading on SIGHUP and on file changes.
+pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "starting tokenmesh agent");
 
     let cgroup_mount = steering::cgroup2_mount()?;
@@ -78,58 +88,88 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         key_sets: KeySets::new(http),
         steering: steering.clone(),
         settings: config.proxy.clone(),
-        pods_by_ip: pods
-            .iter()
-            .map(|pod| (pod.ip.into(), pod.identity.clone()))
-            .collect::<HashMap<_, _>>(),
+        policy: ArcSwap::from_pointee(Policy::from_config(&config, 1)),
+        pods_by_ip: ArcSwap::from_pointee(HashMap::new()),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });
 
-    let started = start_pods(&shared, &config, pods).await;
-    if let Err(e) = started {
+    let ports = (config.steering.outbound_port, config.steering.inbound_port);
+    let mut pod_set = PodSet::default();
+    let changes = pod_set.reconcile(&shared, pods, ports).await;
+    if changes.failed > 0 {
         shutdown.cancel();
-        stop(
-            shared,
-            steering,
-            config.steering.on_exit,
-            &config.steering.bpffs_dir,
-        )
-        .await;
-        return Err(e);
+        stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
+        anyhow::bail!(
+            "{} pod(s) could not be enrolled (see the errors above); refusing to start with pods whose traffic would not be checked",
+            changes.failed
+        );
     }
     readiness.set(true);
-    tracing::info!("agent ready");
+    tracing::info!(pods = pod_set.len(), "agent ready");
 
-    wait_for_signal().await?;
+    let mut reloader = Reloader::new(config, cgroup_mount, env);
+    let result = serve_until_signal(&shared, &mut pod_set, &mut reloader, &readiness, ports).await;
     tracing::info!("starting shutdown");
     readiness.set(false);
     shutdown.cancel();
-    stop(
-        shared,
-        steering,
-        config.steering.on_exit,
-        &config.steering.bpffs_dir,
-    )
-    .await;
+    let steering_settings = &reloader.current().steering;
+    stop(shared, steering, steering_settings.on_exit, &steering_settings.bpffs_dir).await;
     let _ = admin_task.await;
     tracing::info!("shutdown complete");
-    Ok(())
+    result
 }
 
-async fn start_pods(shared: &Arc<Shared>, config: &Config, pods: Vec<Pod>) -> anyhow::Result<()> {
-    for pod in pods {
-        let policy = PodPolicy::for_pod(&config.plugins, &pod);
-        proxy::start_pod(
-            shared,
-            pod,
-            policy,
-            config.steering.outbound_port,
-            config.steering.inbound_port,
-        )
-        .await?;
+/// Handles reload triggers until SIGINT or SIGTERM arrives.
+async fn serve_until_signal(
+    shared: &Arc<Shared>,
+    pod_set: &mut PodSet,
+    reloader: &mut Reloader,
+    readiness: &Readiness,
+    ports: (u16, u16),
+) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut poll = tokio::time::interval(reload::POLL_INTERVAL);
+    loop {
+        let trigger = tokio::select! {
+            _ = terminate.recv() => {
+                tracing::info!(signal = "SIGTERM", "signal received");
+                return Ok(());
+            }
+            _ = interrupt.recv() => {
+                tracing::info!(signal = "SIGINT", "signal received");
+                return Ok(());
+            }
+            _ = hangup.recv() => "SIGHUP",
+            _ = poll.tick() => {
+                if !reloader.files_changed() {
+                    continue;
+                }
+                "file change"
+            }
+        };
+        let Some((config, pods)) = reloader.load(trigger) else {
+            continue;
+        };
+        let generation = shared.policy.load().generation + 1;
+        shared
+            .policy
+            .store(Arc::new(Policy::from_config(&config, generation)));
+        let changes = pod_set.reconcile(shared, pods, ports).await;
+        readiness.set(changes.failed == 0);
+        tracing::info!(
+            trigger,
+            generation,
+            pods.added = changes.added,
+            pods.removed = changes.removed,
+            pods.replaced = changes.replaced,
+            pods.failed = changes.failed,
+            "configuration reloaded"
+        );
+        reloader.accept(config);
     }
-    Ok(())
 }
 
 async fn stop(shared: Arc<Shared>, steering: Arc<Steering>, on_exit: OnExit, bpffs_dir: &Path) {
@@ -164,12 +204,3 @@ async fn stop(shared: Arc<Shared>, steering: Arc<Steering>, on_exit: OnExit, bpf
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
-        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "signal received"),
-    }
-    Ok(())
-}

@@ -1,7 +1,7 @@
 //! The static workloads file: a YAML list of pods, for nodes outside Kubernetes and tests.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -27,6 +27,8 @@ struct PodEntry {
     cgroup: PathBuf,
     #[serde(default)]
     protected_ports: Vec<u16>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// Why a workloads file was rejected.
@@ -108,6 +110,7 @@ fn parse(text: &str, cgroup_root: &Path) -> Result<Vec<Pod>, String> {
             netns: entry.netns,
             cgroup,
             protected_ports: entry.protected_ports,
+            labels: entry.labels,
         });
     }
     Ok(pods)

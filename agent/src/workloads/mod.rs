@@ -2,14 +2,21 @@
 //! agent protects. For now pods come from a static YAML file; a Kubernetes source will
 //! produce the same `Pod` values.
 
+pub mod cgroups;
 mod file;
+pub mod kube;
 
-use std::{fmt, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 pub use file::{WorkloadsError, load_file};
 
 /// Who a pod is, as Kubernetes names it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodIdentity {
     pub namespace: String,
     pub name: String,
@@ -33,4 +40,23 @@ pub struct Pod {
     pub cgroup: PathBuf,
     /// Ports of the pod's apps whose inbound connections the agent validates.
     pub protected_ports: Vec<u16>,
+    /// Kubernetes labels, for workload selectors.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Sources that reach a protected pod's probe ports without a token: the kubelet probes
+/// from the node, and it cannot send a token. Empty for pods from the workloads file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeExemption {
+    /// Source networks of the probes, the node's own addresses by default.
+    pub sources: Vec<ipnet::IpNet>,
+    /// Protected ports that the pod's liveness, readiness and startup probes use.
+    pub ports: Vec<u16>,
+}
+
+impl ProbeExemption {
+    /// Tells whether a connection from `source` to the pod's `port` skips token checks.
+    pub fn exempts(&self, source: IpAddr, port: u16) -> bool {
+        self.ports.contains(&port) && self.sources.iter().any(|net| net.contains(&source))
+    }
 }

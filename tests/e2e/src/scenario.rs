@@ -98,6 +98,22 @@ impl CurlOutcome {
     }
 }
 
+/// Changes to the standard scenario, for suites that test one part in depth.
+#[derive(Debug, Clone, Default)]
+pub struct ScenarioOptions {
+    /// Identity provider config in place of the standard one. It must register the
+    /// clients `frontend`, `intruder` and `echo-validator` (secret `validator-secret`).
+    pub idp: Option<IdpConfig>,
+    /// YAML lines that replace the `frontend-token` plugin's `client_secret` and `scopes`
+    /// lines under `parameters:`, such as `client_auth_method: private_key_jwt`.
+    pub frontend_parameters: Option<Vec<String>>,
+    /// YAML lines of the agent's `proxy:` section, such as `token_refresh_skew: 2s`.
+    pub proxy: Vec<String>,
+    /// Files written into the scenario folder before the agent starts: relative path and
+    /// content.
+    pub files: Vec<(String, String)>,
+}
+
 /// A running scenario. Drop stops every process and removes every namespace, cgroup and
 /// pin it made.
 pub struct Scenario {
@@ -118,12 +134,24 @@ impl Scenario {
     /// Builds the topology, starts the identity provider and the echo apps, writes the
     /// agent's files, and starts the agent.
     pub fn start(prefix: &str, binaries: Binaries) -> anyhow::Result<Scenario> {
+        Scenario::start_with(prefix, binaries, ScenarioOptions::default())
+    }
+
+    /// Starts the scenario with `options` applied.
+    pub fn start_with(
+        prefix: &str,
+        binaries: Binaries,
+        options: ScenarioOptions,
+    ) -> anyhow::Result<Scenario> {
         let topology = Topology::create(prefix, &PODS)?;
-        let idp = Idp::start(&IdpConfig::new(vec![
-            IdpClient::new("frontend", "frontend-secret", "admin"),
-            IdpClient::new("intruder", "intruder-secret", "admin"),
-            IdpClient::new("echo-validator", "validator-secret", ""),
-        ]))?;
+        let idp_config = options.idp.clone().unwrap_or_else(|| {
+            IdpConfig::new(vec![
+                IdpClient::new("frontend", "frontend-secret", "admin"),
+                IdpClient::new("intruder", "intruder-secret", "admin"),
+                IdpClient::new("echo-validator", "validator-secret", ""),
+            ])
+        });
+        let idp = Idp::start(&idp_config)?;
         let dir = tempfile::Builder::new().prefix("tokenmesh-scenario-").tempdir()?;
         let admin = free_loopback_addr()?;
         let bpffs_dir = topology.bpf_pin_dir().to_path_buf();
@@ -139,7 +167,7 @@ impl Scenario {
             idp,
             topology,
         };
-        scenario.write_files()?;
+        scenario.write_files(&options)?;
         scenario.start_apps()?;
         scenario.start_agent()?;
         Ok(scenario)
@@ -154,11 +182,31 @@ impl Scenario {
         format!("http://{}:{port}{path}", self.pod("echo").ip)
     }
 
-    fn write_files(&self) -> anyhow::Result<()> {
+    fn write_files(&self, options: &ScenarioOptions) -> anyhow::Result<()> {
         let dir = self.dir.path();
         std::fs::create_dir_all(dir.join("secrets"))?;
         std::fs::write(dir.join("secrets/frontend"), "frontend-secret\n")?;
         std::fs::write(dir.join("secrets/intruder"), "intruder-secret\n")?;
+        for (path, content) in &options.files {
+            let path = dir.join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, content)?;
+        }
+        let frontend_parameters = options
+            .frontend_parameters
+            .clone()
+            .unwrap_or_else(|| vec!["client_secret: file:secrets/frontend".into(), "scopes: [admin]".into()])
+            .iter()
+            .map(|line| format!("      {line}\n"))
+            .collect::<String>();
+        let proxy = if options.proxy.is_empty() {
+            String::new()
+        } else {
+            let lines: String = options.proxy.iter().map(|line| format!("  {line}\n")).collect();
+            format!("proxy:\n{lines}")
+        };
 
         let mut workloads = String::from("pods:\n");
         for name in PODS {
@@ -186,7 +234,7 @@ steering:
   bpffs_dir: {bpffs}
   pods_cgroup: {cgroup}
   intercept_ports: [{PROTECTED_PORT}]
-audit:
+{proxy}audit:
   path: audit.jsonl
 admin:
   listen: {admin}
@@ -198,9 +246,7 @@ plugins:
     parameters:
       token_endpoint: {token}
       client_id: frontend
-      client_secret: file:secrets/frontend
-      scopes: [admin]
-  - id: intruder-token
+{frontend_parameters}  - id: intruder-token
     type: token-creator
     workloads:
       service_account: intruder
@@ -282,6 +328,38 @@ plugins:
         agent.terminate(Duration::from_secs(15))
     }
 
+    /// Replaces the agent's config file with `edit` applied to its text. The new file is
+    /// written beside it and renamed over it, as a ConfigMap update does.
+    pub fn rewrite_config(&self, edit: impl FnOnce(String) -> String) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.config_path)?;
+        replace_file(&self.config_path, &edit(text))
+    }
+
+    /// Rewrites the workloads file so it lists only the pods named in `keep`.
+    pub fn rewrite_workloads(&self, keep: &[&str]) -> anyhow::Result<()> {
+        let path = self.dir.path().join("workloads.yaml");
+        let mut document: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+        let pods = document["pods"]
+            .as_sequence_mut()
+            .context("the workloads file has no pods list")?;
+        pods.retain(|pod| pod["name"].as_str().is_some_and(|name| keep.contains(&name)));
+        replace_file(&path, &serde_yaml::to_string(&document)?)
+    }
+
+    /// Sends `signal` to the running agent.
+    pub fn signal_agent(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let agent = self.agent.as_ref().context("the agent is not running")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.id())?);
+        nix::sys::signal::kill(pid, signal)?;
+        Ok(())
+    }
+
+    /// Waits until the agent's log contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> anyhow::Result<()> {
+        wait_until(timeout, &format!("agent log line {text:?}"), || self.agent_log().contains(text))
+            .with_context(|| self.agent_log())
+    }
+
     /// Everything the agent wrote to stderr so far.
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.stderr")).unwrap_or_default()
@@ -342,6 +420,21 @@ plugins:
 
     fn curl_status_in(&self, pod: &str, url: &str) -> anyhow::Result<u16> {
         Ok(self.curl(pod, url, &[])?.status)
+    }
+
+    /// Sends `count` requests one after another over one keep-alive connection from
+    /// `pod` and returns their statuses.
+    pub fn curl_sequential(&self, pod: &str, url: &str, count: usize) -> anyhow::Result<Vec<u16>> {
+        let mut command = self.pod(pod).command("curl");
+        command.args(["-sS", "--max-time", "20", "-w", "%{http_code}\n"]);
+        for _ in 0..count {
+            command.args(["-o", "/dev/null", url]);
+        }
+        let output = command.output().context("cannot run curl")?;
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| line.trim().parse().unwrap_or(0))
+            .collect())
     }
 
     /// Sends `count` requests at once from `pod` (curl's parallel mode) and returns their
@@ -419,6 +512,13 @@ pub fn http_get_status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
         .context("empty HTTP response")?
         .parse()?;
     Ok(status)
+}
+
+fn replace_file(path: &Path, content: &str) -> anyhow::Result<()> {
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, content)?;
+    std::fs::rename(&staged, path)?;
+    Ok(())
 }
 
 fn free_loopback_addr() -> anyhow::Result<SocketAddr> {

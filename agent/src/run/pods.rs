@@ -1,0 +1,97 @@
+//! The set of pods whose listeners run, brought in line with a desired list.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use crate::{
+    proxy::{self, PodHandle, Shared},
+    workloads::{Pod, PodIdentity},
+};
+
+/// Pods with running listeners, by identity.
+#[derive(Default)]
+pub struct PodSet {
+    running: BTreeMap<PodIdentity, PodHandle>,
+}
+
+/// What one reconciliation changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub removed: usize,
+    pub replaced: usize,
+    pub failed: usize,
+}
+
+impl PodSet {
+    /// Starts pods that are new, stops pods that are gone and restarts pods whose
+    /// address, namespace, cgroup or ports changed. Pods that stay the same keep their
+    /// listeners and connections. A pod that fails to start is logged and left out, so
+    /// one bad entry does not stop the others.
+    pub async fn reconcile(
+        &mut self,
+        shared: &Arc<Shared>,
+        desired: Vec<Pod>,
+        ports: (u16, u16),
+    ) -> Changes {
+        let mut changes = Changes::default();
+        let desired: BTreeMap<PodIdentity, Pod> = desired
+            .into_iter()
+            .map(|pod| (pod.identity.clone(), pod))
+            .collect();
+        shared.pods_by_ip.store(Arc::new(
+            desired
+                .values()
+                .map(|pod| (IpAddr::from(pod.ip), pod.identity.clone()))
+                .collect::<HashMap<_, _>>(),
+        ));
+
+        let gone: Vec<PodIdentity> = self
+            .running
+            .iter()
+            .filter(|(identity, handle)| desired.get(*identity) != Some(handle.pod()))
+            .map(|(identity, _)| identity.clone())
+            .collect();
+        for identity in gone {
+            let handle = self.running.remove(&identity).expect("listed above");
+            if desired.contains_key(&identity) {
+                changes.replaced += 1;
+            } else {
+                changes.removed += 1;
+            }
+            if let Err(e) = proxy::stop_pod(shared, handle) {
+                tracing::error!(pod = %identity, error = %e, "failed to stop steering a removed pod");
+            }
+        }
+
+        for (identity, pod) in desired {
+            if self.running.contains_key(&identity) {
+                continue;
+            }
+            match proxy::start_pod(shared, pod, ports.0, ports.1).await {
+                Ok(handle) => {
+                    changes.added += 1;
+                    self.running.insert(identity, handle);
+                }
+                Err(e) => {
+                    changes.failed += 1;
+                    tracing::error!(pod = %identity, error = %e, "failed to enrol pod");
+                }
+            }
+        }
+        // A replaced pod counts once, as replaced.
+        changes.added -= changes.replaced.min(changes.added);
+        changes
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+}
