@@ -18,7 +18,7 @@ const STATS_PATH = '/test/stats';
 // Resource indicator added to every client-credentials request that names none. Tokens
 // carry it as their `aud` claim, and a JWT access token cannot be issued without one.
 const DEFAULT_AUDIENCE = 'urn:tokenmesh:mesh';
-const AUTH_METHODS = new Set(['client_secret_basic', 'client_secret_post']);
+const AUTH_METHODS = new Set(['client_secret_basic', 'client_secret_post', 'private_key_jwt']);
 const SIGNING_ALGS = new Set(['ES256', 'RS256']);
 
 function fail(message) {
@@ -40,6 +40,7 @@ function readConfig(path) {
     jwt_signing_alg: signingAlg = 'ES256',
     token_ttl_seconds: ttl = 300,
     audience = DEFAULT_AUDIENCE,
+    resources = [],
     clients,
   } = config;
 
@@ -55,21 +56,31 @@ function readConfig(path) {
   if (!Number.isInteger(ttl) || ttl <= 0) {
     fail(`token_ttl_seconds ${ttl} is invalid; use a positive whole number of seconds`);
   }
+  if (!Array.isArray(resources) || !resources.every((r) => typeof r === 'string')) {
+    fail('resources is invalid; use a list of resource indicator strings');
+  }
   if (!Array.isArray(clients) || clients.length === 0) {
     fail('clients is missing or empty; register at least one client');
   }
   for (const client of clients) {
-    if (typeof client.client_id !== 'string' || typeof client.client_secret !== 'string') {
-      fail('every client needs a client_id and a client_secret string');
-    }
     const method = client.token_endpoint_auth_method ?? 'client_secret_basic';
+    if (typeof client.client_id !== 'string') {
+      fail('every client needs a client_id string');
+    }
     if (!AUTH_METHODS.has(method)) {
-      fail(`client ${client.client_id}: token_endpoint_auth_method "${method}" is invalid; use client_secret_basic or client_secret_post`);
+      fail(`client ${client.client_id}: token_endpoint_auth_method "${method}" is invalid; use client_secret_basic, client_secret_post or private_key_jwt`);
+    }
+    if (method === 'private_key_jwt') {
+      if (!Array.isArray(client.jwks?.keys) || client.jwks.keys.length === 0) {
+        fail(`client ${client.client_id}: private_key_jwt needs a jwks with at least one public key`);
+      }
+    } else if (typeof client.client_secret !== 'string') {
+      fail(`client ${client.client_id}: ${method} needs a client_secret string`);
     }
   }
 
   return {
-    port, format, signingAlg, ttl, audience, clients,
+    port, format, signingAlg, ttl, audience, resources, clients,
   };
 }
 
@@ -92,18 +103,20 @@ function buildProvider(issuer, config) {
       allScopes.add(scope);
     }
   }
-  const resourceServer = {
+  const resourceServer = (audience) => ({
     scope: [...allScopes].join(' '),
-    audience: config.audience,
+    audience,
     accessTokenTTL: config.ttl,
     accessTokenFormat: config.format,
     jwt: { sign: { alg: config.signingAlg } },
-  };
+  });
+  const knownResources = new Set([config.audience, ...config.resources]);
 
   return new Provider(issuer, {
     clients: config.clients.map((client) => ({
       client_id: client.client_id,
       client_secret: client.client_secret,
+      jwks: client.jwks,
       // oidc-provider rejects an empty scope string, and a client registered without
       // one may request any scope listed below.
       scope: client.scope || undefined,
@@ -138,12 +151,16 @@ function buildProvider(issuer, config) {
       },
       resourceIndicators: {
         enabled: true,
-        defaultResource: async () => config.audience,
+        // Without a `resource`, the `audience` parameter (as Auth0 clients send it)
+        // selects the resource server, and else the configured audience.
+        // oidc-provider passes only its own grant parameters on, so `audience` is read
+        // from the parsed form body.
+        defaultResource: async (ctx) => ctx.oidc.body?.audience ?? config.audience,
         getResourceServerInfo: async (ctx, resource) => {
-          if (resource !== config.audience) {
-            throw new errors.InvalidTarget(`unknown resource indicator; this provider serves ${config.audience}`);
+          if (!knownResources.has(resource)) {
+            throw new errors.InvalidTarget(`unknown resource indicator; this provider serves ${[...knownResources].join(', ')}`);
           }
-          return resourceServer;
+          return resourceServer(resource);
         },
       },
     },

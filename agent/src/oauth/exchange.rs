@@ -1,6 +1,7 @@
 //! POST requests to the token and introspection endpoints: client authentication with
-//! a client secret (RFC 6749 section 2.3.1) and the split of the response into success,
-//! OAuth error (RFC 6749 section 5.2) and anything else.
+//! a client secret (RFC 6749 section 2.3.1) or a signed JWT assertion (RFC 7523 section
+//! 2.2), and the split of the response into success, OAuth error (RFC 6749 section 5.2)
+//! and anything else.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -8,15 +9,33 @@ use bytes::Bytes;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 
+use super::assertion::ASSERTION_TYPE;
 use super::error_response::OAuthError;
 use super::{ClientAuthMethod, ClientId};
 use crate::config::secret::Secret;
 
-/// The client that authenticates a request.
+/// A client that authenticates a request with its client secret.
 pub(crate) struct ClientAuth<'a> {
     pub id: &'a ClientId,
     pub secret: &'a Secret,
     pub method: ClientAuthMethod,
+}
+
+/// How a request proves the client's identity.
+pub(crate) enum RequestAuth<'a> {
+    Secret(ClientAuth<'a>),
+    /// A signed JWT in `client_assertion` (RFC 7521 section 4.2). `client_id` is sent as
+    /// well, which RFC 7521 allows and some providers require.
+    Assertion {
+        id: &'a ClientId,
+        assertion: String,
+    },
+}
+
+impl<'a> From<ClientAuth<'a>> for RequestAuth<'a> {
+    fn from(client: ClientAuth<'a>) -> Self {
+        RequestAuth::Secret(client)
+    }
 }
 
 /// Failure of a POST to an OAuth endpoint. Callers turn it into their own error type,
@@ -37,21 +56,29 @@ pub(crate) enum ExchangeError {
 }
 
 /// Sends `form` as an `application/x-www-form-urlencoded` POST body to `url`,
-/// authenticated as `client`, and returns the body of a 200 response.
-pub(crate) async fn post_form(
+/// authenticated as `auth` says, and returns the body of a 200 response.
+pub(crate) async fn post_form<'a>(
     http: &reqwest::Client,
     url: &str,
     mut form: Vec<(&'static str, String)>,
-    client: ClientAuth<'_>,
+    auth: impl Into<RequestAuth<'a>>,
 ) -> Result<Bytes, ExchangeError> {
     let mut request = http.post(url).header(ACCEPT, "application/json");
-    match client.method {
-        ClientAuthMethod::ClientSecretBasic => {
-            request = request.header(AUTHORIZATION, basic_authorization(client.id, client.secret));
-        }
-        ClientAuthMethod::ClientSecretPost => {
-            form.push(("client_id", client.id.0.clone()));
-            form.push(("client_secret", client.secret.expose().to_string()));
+    match auth.into() {
+        RequestAuth::Secret(client) => match client.method {
+            ClientAuthMethod::ClientSecretBasic => {
+                request =
+                    request.header(AUTHORIZATION, basic_authorization(client.id, client.secret));
+            }
+            ClientAuthMethod::ClientSecretPost => {
+                form.push(("client_id", client.id.0.clone()));
+                form.push(("client_secret", client.secret.expose().to_string()));
+            }
+        },
+        RequestAuth::Assertion { id, assertion } => {
+            form.push(("client_id", id.0.clone()));
+            form.push(("client_assertion_type", ASSERTION_TYPE.to_string()));
+            form.push(("client_assertion", assertion));
         }
     }
 

@@ -6,11 +6,14 @@
 //! This module writes no token or client secret into logs or error messages. Logs name a
 //! token by [`token_fingerprint`] only.
 
+pub mod assertion;
 mod error_response;
 mod exchange;
+mod grant;
 pub mod introspect;
 pub mod jwks;
 pub mod jwt;
+pub mod retry;
 pub mod token;
 
 pub use error_response::OAuthError;
@@ -30,8 +33,9 @@ impl fmt::Display for ClientId {
     }
 }
 
-/// Client authentication method at the token and introspection endpoints (RFC 6749
-/// section 2.3.1).
+/// Client authentication method with a client secret, at the token and introspection
+/// endpoints (RFC 6749 section 2.3.1). The token endpoint also accepts `private_key_jwt`,
+/// see [`token::TokenEndpointAuthMethod`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuthMethod {

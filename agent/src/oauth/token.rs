@@ -1,16 +1,24 @@
 //! Access tokens from the client-credentials grant (RFC 6749 section 4.4), cached per
-//! token endpoint, client and scope set until shortly before they expire.
+//! token endpoint, client, credential, scope set, audience and resource set.
+//!
+//! A cached token is used until it expires. From `refresh_skew` before that, each use
+//! starts a refresh in the background when none is running and none started within the
+//! client's minimum request interval, so a provider that returns the same token again
+//! is asked at most once per interval. Callers wait only when no unexpired token is
+//! cached.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moka::Expiry;
-use moka::future::Cache;
 use reqwest::StatusCode;
 
+use super::assertion::{AssertionError, AssertionSigner};
 use super::error_response::OAuthError;
-use super::exchange::{self, ClientAuth, ExchangeError};
+use super::exchange::ExchangeError;
+use super::grant;
+use super::retry::RetryPolicy;
 use super::{ClientAuthMethod, ClientId, token_fingerprint};
 use crate::config::secret::Secret;
 
@@ -20,21 +28,91 @@ use crate::config::secret::Secret;
 /// extra token request.
 pub const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(60);
 
-/// Maximum number of cached tokens, one per (token endpoint, client id, scope set). An
-/// evicted token costs one extra token request.
-const CACHE_CAPACITY: u64 = 10_000;
+/// Minimum time between two token requests for one cache key, unless the config sets
+/// another.
+pub const DEFAULT_MIN_REQUEST_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Client credentials of one workload identity, with the scopes to request.
+/// Number of cache keys above which keys without an unexpired token are dropped. Keys
+/// come from the config, so this bound is reached only by very large configs.
+const CACHE_CAPACITY: usize = 10_000;
+
+/// Client authentication method at the token endpoint, named as in the
+/// `token_endpoint_auth_method` client metadata (RFC 7591 section 2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenEndpointAuthMethod {
+    /// HTTP Basic authentication with the client secret (RFC 6749 section 2.3.1).
+    #[default]
+    ClientSecretBasic,
+    /// The client secret in the form body (RFC 6749 section 2.3.1).
+    ClientSecretPost,
+    /// A JWT signed with the client's private key (RFC 7523 section 2.2).
+    PrivateKeyJwt,
+}
+
+/// How a client proves its identity at the token endpoint.
+#[derive(Clone, Debug)]
+pub enum ClientAuthentication {
+    /// A client secret, sent as `method` says.
+    Secret {
+        secret: Secret,
+        method: ClientAuthMethod,
+    },
+    /// A JWT assertion signed for each request (`private_key_jwt`).
+    PrivateKeyJwt(Arc<AssertionSigner>),
+}
+
+impl ClientAuthentication {
+    /// Returns a fingerprint of the credential, so clients with the same id but another
+    /// secret or key never share a cached token.
+    fn fingerprint(&self) -> String {
+        match self {
+            ClientAuthentication::Secret { secret, .. } => token_fingerprint(secret.expose()),
+            ClientAuthentication::PrivateKeyJwt(signer) => signer.fingerprint().to_string(),
+        }
+    }
+}
+
+/// Client credentials of one workload identity, with the token to request.
 #[derive(Clone, Debug)]
 pub struct ClientCredentials {
     /// URL of the identity provider's token endpoint.
     pub token_endpoint: String,
     pub client_id: ClientId,
-    pub client_secret: Secret,
-    pub auth_method: ClientAuthMethod,
+    pub authentication: ClientAuthentication,
     /// Scopes to request. Order and duplicates do not matter, and an empty list sends no
     /// `scope` parameter, so the provider grants the client's default scopes.
     pub scopes: Vec<String>,
+    /// `audience` parameter, for providers that select the API by it.
+    pub audience: Option<String>,
+    /// Resource indicators (RFC 8707): absolute URIs of the APIs the token is for.
+    pub resources: Vec<String>,
+    pub retry: RetryPolicy,
+    /// Minimum time from the end of one token request to the start of the next for the
+    /// same cache key. Only a key with no unexpired token and no failed request is
+    /// requested regardless.
+    pub min_request_interval: Duration,
+}
+
+impl ClientCredentials {
+    /// Credentials with no scope, audience or resource and the default retry policy and
+    /// request interval.
+    pub fn new(
+        token_endpoint: impl Into<String>,
+        client_id: ClientId,
+        authentication: ClientAuthentication,
+    ) -> Self {
+        ClientCredentials {
+            token_endpoint: token_endpoint.into(),
+            client_id,
+            authentication,
+            scopes: Vec::new(),
+            audience: None,
+            resources: Vec::new(),
+            retry: RetryPolicy::default(),
+            min_request_interval: DEFAULT_MIN_REQUEST_INTERVAL,
+        }
+    }
 }
 
 /// An access token and the instant after which the agent stops using it.
@@ -46,6 +124,20 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
+    pub(crate) fn new(
+        fingerprint: String,
+        value: String,
+        expires_at: Instant,
+        scope: Option<String>,
+    ) -> Self {
+        AccessToken {
+            value,
+            expires_at,
+            scope,
+            fingerprint,
+        }
+    }
+
     /// Returns the token value to send as `Authorization: Bearer`. Never log it.
     pub fn secret(&self) -> &str {
         &self.value
@@ -76,7 +168,7 @@ impl fmt::Debug for AccessToken {
 }
 
 /// Failure to get an access token. Messages name the endpoint and the client, never the
-/// secret or a token.
+/// secret, the key or a token.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum TokenError {
     #[error(
@@ -101,6 +193,15 @@ pub enum TokenError {
         error: OAuthError,
     },
     #[error(
+        "token endpoint {endpoint} answered client {client_id} with HTTP {status}; the \
+         identity provider is failing or overloaded, check its health and logs"
+    )]
+    ServerError {
+        endpoint: String,
+        client_id: ClientId,
+        status: StatusCode,
+    },
+    #[error(
         "token endpoint {endpoint} sent client {client_id} an invalid response (HTTP \
          {status}): {reason}; check that the URL is the provider's token endpoint"
     )]
@@ -110,10 +211,31 @@ pub enum TokenError {
         status: StatusCode,
         reason: String,
     },
+    #[error(
+        "token request to {endpoint} for client {client_id} gave no token within \
+         {timeout:?} ({attempts} attempts); check that the identity provider responds, or \
+         raise token_request_timeout"
+    )]
+    TimedOut {
+        endpoint: String,
+        client_id: ClientId,
+        timeout: Duration,
+        attempts: u32,
+    },
+    #[error("cannot sign the client assertion of client {client_id}: {source}")]
+    Assertion {
+        client_id: ClientId,
+        #[source]
+        source: Arc<AssertionError>,
+    },
 }
 
 impl TokenError {
-    fn from_exchange(endpoint: &str, client_id: &ClientId, failure: ExchangeError) -> Self {
+    pub(crate) fn from_exchange(
+        endpoint: &str,
+        client_id: &ClientId,
+        failure: ExchangeError,
+    ) -> Self {
         let endpoint = endpoint.to_string();
         let client_id = client_id.clone();
         match failure {
@@ -129,6 +251,13 @@ impl TokenError {
                 status,
                 error,
             },
+            ExchangeError::NotOAuthError { status } if status.is_server_error() => {
+                TokenError::ServerError {
+                    endpoint,
+                    client_id,
+                    status,
+                }
+            }
             ExchangeError::NotOAuthError { status } => TokenError::InvalidResponse {
                 endpoint,
                 client_id,
@@ -137,60 +266,251 @@ impl TokenError {
             },
         }
     }
+
+    /// True for failures that another attempt may not repeat: no response, or a 5xx
+    /// status. A 4xx such as `invalid_client` repeats until the config changes.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TokenError::Transport { .. } | TokenError::ServerError { .. } => true,
+            TokenError::Rejected { status, .. } => status.is_server_error(),
+            TokenError::InvalidResponse { .. }
+            | TokenError::TimedOut { .. }
+            | TokenError::Assertion { .. } => false,
+        }
+    }
 }
 
 /// Gets access tokens and shares them between connections of the same identity.
 ///
-/// Concurrent calls for one (token endpoint, client id, scope set) wait for a single token
-/// request. A token stays cached until `refresh_skew` before it expires. A token that
-/// expires sooner than that is handed to the waiting callers and not cached. Errors are
-/// not cached either, so the next call tries again.
+/// At most one token request runs per cache key, and concurrent callers that need a
+/// token wait for it. A failed request is not retried for its key within the minimum
+/// request interval: callers in that time get the same error at once.
 #[derive(Clone)]
 pub struct TokenSource {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     http: reqwest::Client,
-    cache: Cache<CacheKey, Arc<AccessToken>>,
+    refresh_skew: Duration,
+    entries: Mutex<HashMap<CacheKey, Arc<Entry>>>,
+}
+
+/// The cached state of one key.
+#[derive(Default)]
+struct Entry {
+    state: Mutex<EntryState>,
+    /// Held while a token request for this key runs.
+    request: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct EntryState {
+    token: Option<Arc<AccessToken>>,
+    /// When the latest token request ended, successful or not.
+    last_request: Option<Instant>,
+    /// The latest request's error, cleared by a success.
+    last_error: Option<TokenError>,
+    /// A background refresh is running.
+    refreshing: bool,
+}
+
+/// What a caller does with the state it found.
+#[derive(Debug)]
+enum Lookup {
+    Use(Arc<AccessToken>),
+    /// Use the token and start a background refresh; `refreshing` is set already.
+    UseAndRefresh(Arc<AccessToken>),
+    /// No unexpired token, and a request failed within the interval.
+    Fail(TokenError),
+    /// No unexpired token: request one and wait for it.
+    Request,
+}
+
+impl EntryState {
+    fn lookup(&mut self, now: Instant, refresh_skew: Duration, min_interval: Duration) -> Lookup {
+        let may_request = self
+            .last_request
+            .is_none_or(|ended| now.saturating_duration_since(ended) >= min_interval);
+        if let Some(token) = &self.token
+            && now < token.expires_at
+        {
+            let refresh_at = token.expires_at.checked_sub(refresh_skew).unwrap_or(now);
+            if now < refresh_at || self.refreshing || !may_request {
+                return Lookup::Use(token.clone());
+            }
+            self.refreshing = true;
+            return Lookup::UseAndRefresh(token.clone());
+        }
+        match &self.last_error {
+            Some(error) if !may_request => Lookup::Fail(error.clone()),
+            _ => Lookup::Request,
+        }
+    }
+
+    /// Stores the outcome of a request that ended at `ended`.
+    fn store(&mut self, ended: Instant, result: &Result<Arc<AccessToken>, TokenError>) {
+        self.last_request = Some(ended);
+        match result {
+            Ok(token) => {
+                self.token = Some(newest(self.token.take(), token.clone()));
+                self.last_error = None;
+            }
+            Err(error) => self.last_error = Some(error.clone()),
+        }
+    }
+}
+
+/// Returns the token to keep after a refresh. When the provider returned the token the
+/// cache already holds, the earlier expiry stays, because a provider that repeats a
+/// token may repeat its original `expires_in` as well.
+fn newest(old: Option<Arc<AccessToken>>, new: Arc<AccessToken>) -> Arc<AccessToken> {
+    match old {
+        Some(old) if old.value == new.value && old.expires_at <= new.expires_at => old,
+        _ => new,
+    }
 }
 
 impl TokenSource {
-    /// Creates a token source that sends its requests with `http`. Timeouts are those
-    /// configured on `http`.
+    /// Creates a token source that sends its requests with `http` and refreshes tokens
+    /// `refresh_skew` before they expire. Timeouts per request are those configured on
+    /// `http`.
     pub fn new(http: reqwest::Client, refresh_skew: Duration) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(CACHE_CAPACITY)
-            .expire_after(RefreshBeforeExpiry { refresh_skew })
-            .build();
-        TokenSource { http, cache }
+        TokenSource {
+            inner: Arc::new(Inner {
+                http,
+                refresh_skew,
+                entries: Mutex::new(HashMap::new()),
+            }),
+        }
     }
 
-    /// Returns a cached token for `creds`, or requests one from the token endpoint.
+    /// Returns an unexpired token for `creds`, from the cache or from the token endpoint.
     pub async fn token(&self, creds: &ClientCredentials) -> Result<Arc<AccessToken>, TokenError> {
         let key = CacheKey::new(creds);
-        let scope = key.scope_parameter();
-        self.cache
-            .try_get_with(key, request_token(&self.http, creds, scope))
-            .await
-            .map_err(Arc::unwrap_or_clone)
+        let entry = self.entry(&key);
+        match self.lookup(&entry, creds) {
+            Lookup::Use(token) => return Ok(token),
+            Lookup::UseAndRefresh(token) => {
+                self.spawn_refresh(entry, creds.clone(), key);
+                return Ok(token);
+            }
+            Lookup::Fail(error) => return Err(error),
+            Lookup::Request => {}
+        }
+
+        let _running = entry.request.lock().await;
+        // Another caller may have finished a request while this one waited for the lock.
+        match self.lookup(&entry, creds) {
+            Lookup::Use(token) => return Ok(token),
+            Lookup::UseAndRefresh(token) => {
+                lock(&entry.state).refreshing = false;
+                return Ok(token);
+            }
+            Lookup::Fail(error) => return Err(error),
+            Lookup::Request => {}
+        }
+        let result = grant::request_token(&self.inner.http, creds, &key).await;
+        lock(&entry.state).store(Instant::now(), &result);
+        if let Err(error) = &result {
+            tracing::warn!(
+                client.id = %creds.client_id,
+                error = %error,
+                "no access token; requests that need one fail until a token request succeeds"
+            );
+        }
+        result
     }
 
     /// Drops the cached token for `creds`, so the next call requests a new one. Used when
     /// an upstream rejects a token that has not expired, for example after revocation.
     pub async fn invalidate(&self, creds: &ClientCredentials) {
-        self.cache.invalidate(&CacheKey::new(creds)).await;
+        let key = CacheKey::new(creds);
+        if let Some(entry) = lock(&self.inner.entries).get(&key) {
+            lock(&entry.state).token = None;
+        }
+    }
+
+    fn lookup(&self, entry: &Entry, creds: &ClientCredentials) -> Lookup {
+        lock(&entry.state).lookup(
+            Instant::now(),
+            self.inner.refresh_skew,
+            creds.min_request_interval,
+        )
+    }
+
+    fn entry(&self, key: &CacheKey) -> Arc<Entry> {
+        let mut entries = lock(&self.inner.entries);
+        if let Some(entry) = entries.get(key) {
+            return entry.clone();
+        }
+        if entries.len() >= CACHE_CAPACITY {
+            let now = Instant::now();
+            entries.retain(|_, entry| {
+                Arc::strong_count(entry) > 1
+                    || lock(&entry.state)
+                        .token
+                        .as_ref()
+                        .is_some_and(|token| now < token.expires_at)
+            });
+        }
+        entries.entry(key.clone()).or_default().clone()
+    }
+
+    /// Requests a new token while callers keep using the current one. A failure keeps the
+    /// current token until it expires.
+    fn spawn_refresh(&self, entry: Arc<Entry>, creds: ClientCredentials, key: CacheKey) {
+        let http = self.inner.http.clone();
+        tokio::spawn(async move {
+            let _running = entry.request.lock().await;
+            let result = grant::request_token(&http, &creds, &key).await;
+            let mut state = lock(&entry.state);
+            state.refreshing = false;
+            let previous = state.token.as_ref().map(|token| token.fingerprint.clone());
+            state.store(Instant::now(), &result);
+            match &result {
+                Ok(token) if previous.as_deref() == Some(token.fingerprint()) => {
+                    tracing::debug!(
+                        client.id = %creds.client_id,
+                        token.fingerprint = token.fingerprint(),
+                        "the provider returned the cached token again; it stays in use until it expires"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(
+                    client.id = %creds.client_id,
+                    error = %error,
+                    "refreshing the access token failed; the current token stays in use until it expires"
+                ),
+            }
+        });
     }
 }
 
+/// Locks `mutex`. A panic while it was held leaves consistent data here, because every
+/// critical section only assigns fields, so the poison flag is ignored.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Cache key: tokens are shared only between requests to the same endpoint, for the same
-/// client and the same set of scopes.
+/// client and credential, the same set of scopes, audience and set of resources.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct CacheKey {
+pub(crate) struct CacheKey {
     token_endpoint: String,
     client_id: ClientId,
+    credential: String,
     /// Sorted and without duplicates, so `["b", "a"]` and `["a", "b", "a"]` share a key.
     scopes: Vec<String>,
+    pub(crate) audience: Option<String>,
+    /// Sorted and without duplicates.
+    pub(crate) resources: Vec<String>,
 }
 
 impl CacheKey {
-    fn new(creds: &ClientCredentials) -> Self {
+    pub(crate) fn new(creds: &ClientCredentials) -> Self {
         // A configured entry of "a b" is two scopes, as in the `scope` parameter.
         let mut scopes: Vec<String> = creds
             .scopes
@@ -200,287 +520,24 @@ impl CacheKey {
             .collect();
         scopes.sort();
         scopes.dedup();
+        let mut resources = creds.resources.clone();
+        resources.sort();
+        resources.dedup();
         CacheKey {
             token_endpoint: creds.token_endpoint.clone(),
             client_id: creds.client_id.clone(),
+            credential: creds.authentication.fingerprint(),
             scopes,
+            audience: creds.audience.clone().filter(|a| !a.is_empty()),
+            resources,
         }
     }
 
     /// Returns the space-separated `scope` request parameter, or `None` for no scopes.
-    fn scope_parameter(&self) -> Option<String> {
+    pub(crate) fn scope_parameter(&self) -> Option<String> {
         (!self.scopes.is_empty()).then(|| self.scopes.join(" "))
     }
 }
 
-struct RefreshBeforeExpiry {
-    refresh_skew: Duration,
-}
-
-impl Expiry<CacheKey, Arc<AccessToken>> for RefreshBeforeExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        token: &Arc<AccessToken>,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(cache_lifetime(
-            token.expires_at,
-            created_at,
-            self.refresh_skew,
-        ))
-    }
-}
-
-/// Returns how long a token may stay cached: until `refresh_skew` before it expires, or
-/// zero when that moment has already passed.
-fn cache_lifetime(expires_at: Instant, now: Instant, refresh_skew: Duration) -> Duration {
-    expires_at
-        .saturating_duration_since(now)
-        .saturating_sub(refresh_skew)
-}
-
-async fn request_token(
-    http: &reqwest::Client,
-    creds: &ClientCredentials,
-    scope: Option<String>,
-) -> Result<Arc<AccessToken>, TokenError> {
-    let endpoint = &creds.token_endpoint;
-    tracing::debug!(
-        client.id = %creds.client_id,
-        token.endpoint = %endpoint,
-        scope = scope.as_deref().unwrap_or(""),
-        "requesting access token"
-    );
-
-    let mut form = vec![("grant_type", "client_credentials".to_string())];
-    if let Some(scope) = scope {
-        form.push(("scope", scope));
-    }
-    let client = ClientAuth {
-        id: &creds.client_id,
-        secret: &creds.client_secret,
-        method: creds.auth_method,
-    };
-
-    // The lifetime counts from before the request, so network delay shortens it.
-    let requested_at = Instant::now();
-    let body = exchange::post_form(http, endpoint, form, client)
-        .await
-        .map_err(|failure| TokenError::from_exchange(endpoint, &creds.client_id, failure))?;
-
-    let token = parse_token_response(&body, requested_at).map_err(|reason| {
-        TokenError::InvalidResponse {
-            endpoint: endpoint.clone(),
-            client_id: creds.client_id.clone(),
-            status: StatusCode::OK,
-            reason,
-        }
-    })?;
-    tracing::debug!(
-        client.id = %creds.client_id,
-        token.fingerprint = token.fingerprint(),
-        expires_in_secs = token.expires_at.saturating_duration_since(requested_at).as_secs(),
-        "access token received"
-    );
-    Ok(Arc::new(token))
-}
-
-/// The successful token response of RFC 6749 section 5.1.
-#[derive(serde::Deserialize)]
-struct TokenResponse {
-    access_token: String,
-    token_type: String,
-    #[serde(default)]
-    expires_in: Option<ExpiresIn>,
-    #[serde(default)]
-    scope: Option<String>,
-}
-
-/// `expires_in` in seconds. Some providers send it as a string of digits.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum ExpiresIn {
-    Number(u64),
-    Text(String),
-}
-
-/// Parses a token response body. The error is a reason that never contains the token.
-fn parse_token_response(body: &[u8], requested_at: Instant) -> Result<AccessToken, String> {
-    let response: TokenResponse = serde_json::from_slice(body)
-        .map_err(|e| format!("the body is not a token response ({e})"))?;
-
-    if response.access_token.is_empty() {
-        return Err("access_token is empty".to_string());
-    }
-    if !response.token_type.eq_ignore_ascii_case("bearer") {
-        return Err(format!(
-            "token_type is {:?}, but the proxy sends only Bearer tokens",
-            response.token_type
-        ));
-    }
-    let expires_in = match response.expires_in {
-        None => DEFAULT_EXPIRES_IN,
-        Some(ExpiresIn::Number(seconds)) => Duration::from_secs(seconds),
-        Some(ExpiresIn::Text(text)) => text
-            .trim()
-            .parse()
-            .map(Duration::from_secs)
-            .map_err(|_| format!("expires_in {text:?} is not a whole number of seconds"))?,
-    };
-
-    Ok(AccessToken {
-        fingerprint: token_fingerprint(&response.access_token),
-        value: response.access_token,
-        expires_at: requested_at + expires_in,
-        scope: response.scope,
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn creds(scopes: &[&str]) -> ClientCredentials {
-        ClientCredentials {
-            token_endpoint: "http://127.0.0.1:9/token".into(),
-            client_id: ClientId("frontend".into()),
-            client_secret: Secret::new("hunter2", "test"),
-            auth_method: ClientAuthMethod::ClientSecretBasic,
-            scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn cache_key_ignores_scope_order_and_duplicates() {
-        let a = CacheKey::new(&creds(&["read", "admin"]));
-        let b = CacheKey::new(&creds(&["admin", "read", "admin"]));
-        let c = CacheKey::new(&creds(&["admin read"]));
-        assert_eq!(a, b);
-        assert_eq!(a, c);
-        assert_eq!(a.scope_parameter().as_deref(), Some("admin read"));
-    }
-
-    #[test]
-    fn cache_key_separates_clients_endpoints_scopes() {
-        let base = CacheKey::new(&creds(&["read"]));
-
-        let mut other_client = creds(&["read"]);
-        other_client.client_id = ClientId("backend".into());
-        assert_ne!(base, CacheKey::new(&other_client));
-
-        let mut other_endpoint = creds(&["read"]);
-        other_endpoint.token_endpoint = "http://127.0.0.1:10/token".into();
-        assert_ne!(base, CacheKey::new(&other_endpoint));
-
-        assert_ne!(base, CacheKey::new(&creds(&["read", "write"])));
-        assert_ne!(base, CacheKey::new(&creds(&[])));
-    }
-
-    #[test]
-    fn empty_scopes_send_no_parameter() {
-        assert_eq!(CacheKey::new(&creds(&[])).scope_parameter(), None);
-        assert_eq!(CacheKey::new(&creds(&["", " "])).scope_parameter(), None);
-    }
-
-    #[test]
-    fn token_response_parses() {
-        let now = Instant::now();
-        let body =
-            br#"{"access_token":"abc","token_type":"Bearer","expires_in":300,"scope":"read"}"#;
-        let token = parse_token_response(body, now).unwrap();
-        assert_eq!(token.secret(), "abc");
-        assert_eq!(token.expires_at(), now + Duration::from_secs(300));
-        assert_eq!(token.scope(), Some("read"));
-        assert_eq!(token.fingerprint(), token_fingerprint("abc"));
-    }
-
-    #[test]
-    fn missing_expires_in_uses_default() {
-        let now = Instant::now();
-        let token =
-            parse_token_response(br#"{"access_token":"abc","token_type":"bearer"}"#, now).unwrap();
-        assert_eq!(token.expires_at(), now + DEFAULT_EXPIRES_IN);
-        assert_eq!(token.scope(), None);
-    }
-
-    #[test]
-    fn expires_in_as_string_parses() {
-        let now = Instant::now();
-        let body = br#"{"access_token":"abc","token_type":"Bearer","expires_in":"3600"}"#;
-        let token = parse_token_response(body, now).unwrap();
-        assert_eq!(token.expires_at(), now + Duration::from_secs(3600));
-
-        let bad = br#"{"access_token":"abc","token_type":"Bearer","expires_in":"soon"}"#;
-        let reason = parse_token_response(bad, now).unwrap_err();
-        assert!(reason.contains("expires_in"), "{reason}");
-    }
-
-    #[test]
-    fn non_bearer_token_rejected() {
-        let body = br#"{"access_token":"abc","token_type":"DPoP","expires_in":60}"#;
-        let reason = parse_token_response(body, Instant::now()).unwrap_err();
-        assert!(reason.contains("DPoP"), "{reason}");
-        assert!(!reason.contains("abc"), "{reason}");
-    }
-
-    #[test]
-    fn malformed_token_response_rejected() {
-        let now = Instant::now();
-        for body in [
-            &b"not json"[..],
-            br#"{"token_type":"Bearer"}"#,
-            br#"{"access_token":"","token_type":"Bearer"}"#,
-            br#"{"access_token":"abc"}"#,
-        ] {
-            let reason = parse_token_response(body, now).unwrap_err();
-            assert!(!reason.is_empty());
-        }
-    }
-
-    #[test]
-    fn cache_lifetime_subtracts_skew() {
-        let now = Instant::now();
-        let skew = Duration::from_secs(30);
-        let in_300 = now + Duration::from_secs(300);
-        assert_eq!(cache_lifetime(in_300, now, skew), Duration::from_secs(270));
-        let in_10 = now + Duration::from_secs(10);
-        assert_eq!(cache_lifetime(in_10, now, skew), Duration::ZERO);
-        assert_eq!(cache_lifetime(now, now + skew, skew), Duration::ZERO);
-    }
-
-    #[test]
-    fn access_token_debug_shows_fingerprint_only() {
-        let token = parse_token_response(
-            br#"{"access_token":"very-secret-token","token_type":"Bearer"}"#,
-            Instant::now(),
-        )
-        .unwrap();
-        let printed = format!("{token:?}");
-        assert!(!printed.contains("very-secret-token"));
-        assert_eq!(
-            printed,
-            format!("AccessToken({})", token_fingerprint("very-secret-token"))
-        );
-    }
-
-    #[tokio::test]
-    async fn unreachable_endpoint_error_names_client() {
-        // A port that was just bound and released has no listener, so connecting fails.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut creds = creds(&["read"]);
-        creds.token_endpoint = format!("http://127.0.0.1:{port}/token");
-
-        let source = TokenSource::new(reqwest::Client::new(), Duration::from_secs(5));
-        let err = source.token(&creds).await.unwrap_err();
-        let message = err.to_string();
-        assert!(matches!(err, TokenError::Transport { .. }), "{message}");
-        assert!(message.contains("frontend"), "{message}");
-        assert!(message.contains(&creds.token_endpoint), "{message}");
-        assert!(!message.contains("hunter2"), "{message}");
-    }
-}
+mod tests;

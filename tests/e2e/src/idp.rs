@@ -33,12 +33,18 @@ pub enum TokenFormat {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct IdpClient {
     pub client_id: String,
+    /// Empty for a `private_key_jwt` client, which has no secret.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub client_secret: String,
     /// Space-separated scopes the client may request.
     pub scope: String,
-    /// `client_secret_basic` (the provider's default when `None`) or `client_secret_post`.
+    /// `client_secret_basic` (the provider's default when `None`), `client_secret_post`
+    /// or `private_key_jwt`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_endpoint_auth_method: Option<String>,
+    /// Public keys of a `private_key_jwt` client, as a JWK Set (RFC 7517 section 5).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
 }
 
 impl IdpClient {
@@ -48,8 +54,73 @@ impl IdpClient {
             client_secret: client_secret.to_string(),
             scope: scope.to_string(),
             token_endpoint_auth_method: None,
+            jwks: None,
         }
     }
+
+    /// A client that authenticates with JWTs signed by the private half of `public_jwk`.
+    pub fn private_key_jwt(client_id: &str, scope: &str, public_jwk: serde_json::Value) -> Self {
+        IdpClient {
+            client_id: client_id.to_string(),
+            client_secret: String::new(),
+            scope: scope.to_string(),
+            token_endpoint_auth_method: Some("private_key_jwt".to_string()),
+            jwks: Some(serde_json::json!({ "keys": [public_jwk] })),
+        }
+    }
+}
+
+/// A key pair for `private_key_jwt`: the private key as PKCS#8 PEM for the agent, the
+/// public key as a JWK for the provider's client registration.
+#[derive(Clone, Debug)]
+pub struct ClientKey {
+    pub private_pem: String,
+    pub public_jwk: serde_json::Value,
+}
+
+/// Key types [`generate_client_key`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    EcP256,
+    Rsa2048,
+    Ed25519,
+}
+
+/// Generates a new key pair with Node.js's crypto module, which the provider needs
+/// anyway, so the tests need no other tool.
+pub fn generate_client_key(key_type: KeyType) -> anyhow::Result<ClientKey> {
+    let (kind, options) = match key_type {
+        KeyType::EcP256 => ("ec", r#"{"namedCurve":"P-256"}"#),
+        KeyType::Rsa2048 => ("rsa", r#"{"modulusLength":2048}"#),
+        KeyType::Ed25519 => ("ed25519", "{}"),
+    };
+    let script = format!(
+        "const c = require('node:crypto'); \
+         const k = c.generateKeyPairSync('{kind}', {options}); \
+         process.stdout.write(JSON.stringify({{ \
+           private_pem: k.privateKey.export({{ type: 'pkcs8', format: 'pem' }}), \
+           public_jwk: k.publicKey.export({{ format: 'jwk' }}) }}));"
+    );
+    let output = Command::new("node")
+        .args(["-e", &script])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run `node`; install Node.js 20 or later and put it on PATH")?;
+    if !output.status.success() {
+        bail!(
+            "node could not generate a {kind} key: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("node printed no key pair JSON")?;
+    Ok(ClientKey {
+        private_pem: value["private_pem"]
+            .as_str()
+            .context("no private_pem in node's output")?
+            .to_string(),
+        public_jwk: value["public_jwk"].clone(),
+    })
 }
 
 /// The provider's config file, written as JSON. tests/idp/README.md documents each field.
@@ -62,6 +133,9 @@ pub struct IdpConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_signing_alg: Option<String>,
     pub token_ttl_seconds: u64,
+    /// Resource indicators accepted besides the default audience `urn:tokenmesh:mesh`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<String>,
     pub clients: Vec<IdpClient>,
 }
 
@@ -73,6 +147,7 @@ impl IdpConfig {
             access_token_format: TokenFormat::Opaque,
             jwt_signing_alg: None,
             token_ttl_seconds: 300,
+            resources: Vec::new(),
             clients,
         }
     }
@@ -178,6 +253,38 @@ impl Idp {
         }
     }
 
+    /// Returns the port the provider listens on, for a restart on the same port.
+    pub fn port(&self) -> u16 {
+        self.base_url
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("the issuer URL ends with the port")
+    }
+
+    /// Stops the provider and waits for it to exit, as Drop does. Connections to its port
+    /// are refused afterwards.
+    pub fn stop(&mut self) {
+        // A reaped child's pid may belong to another process by now: signal only a child
+        // that has not been waited for.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SIGTERM lets server.js close its listener, and SIGKILL follows if it hangs.
+        let pid = Pid::from_raw(self.child.id() as i32);
+        if kill(pid, Signal::SIGTERM).is_ok() {
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Returns the issuer URL, `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> &str {
         &self.base_url
@@ -222,24 +329,7 @@ impl Idp {
 
 impl Drop for Idp {
     fn drop(&mut self) {
-        // A reaped child's pid may belong to another process by now: signal only a child
-        // that has not been waited for.
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SIGTERM lets server.js close its listener, and SIGKILL follows if it hangs.
-        let pid = Pid::from_raw(self.child.id() as i32);
-        if kill(pid, Signal::SIGTERM).is_ok() {
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

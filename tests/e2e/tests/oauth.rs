@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokenmesh_agent::config::secret::Secret;
+use tokenmesh_agent::oauth::assertion::{AssertionOptions, AssertionSigner, SigningAlgorithm};
 use tokenmesh_agent::oauth::introspect::{IntrospectionEndpoint, IntrospectionError, Introspector};
-use tokenmesh_agent::oauth::token::{ClientCredentials, TokenError, TokenSource};
+use tokenmesh_agent::oauth::token::{
+    ClientAuthentication, ClientCredentials, TokenError, TokenSource,
+};
 use tokenmesh_agent::oauth::{ClientAuthMethod, ClientId};
-use tokenmesh_e2e::idp::{Idp, IdpClient, IdpConfig, TokenFormat};
+use tokenmesh_e2e::idp::{Idp, IdpClient, IdpConfig, KeyType, TokenFormat, generate_client_key};
 
 const FRONTEND_SECRET: &str = "frontend-s3cret:with+reserved/chars=&%";
 const VALIDATOR_SECRET: &str = "validator-s3cret";
@@ -36,14 +39,42 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// Credentials of `client_id` with a client secret sent as `method` says.
+fn with_secret(
+    idp: &Idp,
+    client_id: &str,
+    secret: &str,
+    method: ClientAuthMethod,
+    scopes: &[&str],
+) -> ClientCredentials {
+    let mut creds = ClientCredentials::new(
+        idp.token_endpoint(),
+        ClientId(client_id.into()),
+        ClientAuthentication::Secret {
+            secret: Secret::new(secret, "test"),
+            method,
+        },
+    );
+    creds.scopes = scopes.iter().map(|s| s.to_string()).collect();
+    creds
+}
+
 fn frontend(idp: &Idp, scopes: &[&str]) -> ClientCredentials {
-    ClientCredentials {
-        token_endpoint: idp.token_endpoint(),
-        client_id: ClientId("frontend".into()),
-        client_secret: Secret::new(FRONTEND_SECRET, "test"),
-        auth_method: ClientAuthMethod::ClientSecretBasic,
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-    }
+    with_secret(
+        idp,
+        "frontend",
+        FRONTEND_SECRET,
+        ClientAuthMethod::ClientSecretBasic,
+        scopes,
+    )
+}
+
+/// Replaces the client secret of `creds`.
+fn set_secret(creds: &mut ClientCredentials, secret: &str) {
+    creds.authentication = ClientAuthentication::Secret {
+        secret: Secret::new(secret, "test"),
+        method: ClientAuthMethod::ClientSecretBasic,
+    };
 }
 
 fn validator(idp: &Idp) -> IntrospectionEndpoint {
@@ -146,7 +177,8 @@ async fn wrong_secret_names_client_and_error() {
     let idp = start_idp(IdpConfig::new(clients()));
     let tokens = TokenSource::new(http(), SKEW);
     let mut creds = frontend(&idp, &["read"]);
-    creds.client_secret = Secret::new("wrong-secret-value", "test");
+    set_secret(&mut creds, "wrong-secret-value");
+    creds.min_request_interval = Duration::from_millis(300);
 
     let err = tokens.token(&creds).await.unwrap_err();
     let message = err.to_string();
@@ -164,7 +196,11 @@ async fn wrong_secret_names_client_and_error() {
     assert!(!message.contains("wrong-secret-value"), "{message}");
     assert!(!format!("{err:?}").contains("wrong-secret-value"));
 
-    // Errors are not cached, so the next call sends another token request.
+    // A 401 is not retried, and its error is reused within the minimum request
+    // interval, so a burst of calls costs one token request.
+    tokens.token(&creds).await.unwrap_err();
+    assert_eq!(idp.stats().await.unwrap().token_requests, 1);
+    tokio::time::sleep(Duration::from_millis(350)).await;
     tokens.token(&creds).await.unwrap_err();
     assert_eq!(idp.stats().await.unwrap().token_requests, 2);
 }
@@ -173,13 +209,13 @@ async fn wrong_secret_names_client_and_error() {
 async fn disallowed_scope_is_invalid_scope() {
     let idp = start_idp(IdpConfig::new(clients()));
     let tokens = TokenSource::new(http(), SKEW);
-    let creds = ClientCredentials {
-        token_endpoint: idp.token_endpoint(),
-        client_id: ClientId("reader".into()),
-        client_secret: Secret::new("reader-s3cret", "test"),
-        auth_method: ClientAuthMethod::ClientSecretBasic,
-        scopes: vec!["admin".into()],
-    };
+    let creds = with_secret(
+        &idp,
+        "reader",
+        "reader-s3cret",
+        ClientAuthMethod::ClientSecretBasic,
+        &["admin"],
+    );
 
     let err = tokens.token(&creds).await.unwrap_err();
     let message = err.to_string();
@@ -264,13 +300,13 @@ async fn basic_and_post_auth_both_work() {
     assert_eq!(stats.basic_auth_requests, 1);
 
     // client_secret_post sends no Authorization header.
-    let poster = ClientCredentials {
-        token_endpoint: idp.token_endpoint(),
-        client_id: ClientId("poster".into()),
-        client_secret: Secret::new("poster-s3cret", "test"),
-        auth_method: ClientAuthMethod::ClientSecretPost,
-        scopes: vec!["read".into()],
-    };
+    let poster = with_secret(
+        &idp,
+        "poster",
+        "poster-s3cret",
+        ClientAuthMethod::ClientSecretPost,
+        &["read"],
+    );
     let posted = tokens.token(&poster).await.unwrap();
     let stats = idp.stats().await.unwrap();
     assert_eq!(stats.token_requests, 2);
@@ -297,19 +333,24 @@ async fn basic_and_post_auth_both_work() {
 }
 
 #[tokio::test]
-async fn short_ttl_requests_fresh_token() {
+async fn short_ttl_token_used_until_expiry() {
     let mut config = IdpConfig::new(clients());
     config.token_ttl_seconds = 2;
     let idp = start_idp(config);
-    // The token expires sooner than the skew, so it is used once and never cached.
+    // The token expires sooner than the skew, so it is in its refresh window at once,
+    // but the minimum request interval holds the refresh back and the token stays in use.
     let tokens = TokenSource::new(http(), Duration::from_secs(5));
     let creds = frontend(&idp, &["read"]);
 
     let first = tokens.token(&creds).await.unwrap();
     let second = tokens.token(&creds).await.unwrap();
+    assert_eq!(first.secret(), second.secret());
+    assert_eq!(idp.stats().await.unwrap().token_requests, 1);
 
-    assert_ne!(first.secret(), second.secret());
-    assert_eq!(idp.stats().await.unwrap().token_requests, 2);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let third = tokens.token(&creds).await.unwrap();
+    assert_ne!(first.secret(), third.secret());
+    assert!(std::time::Instant::now() < third.expires_at());
 }
 
 #[tokio::test]
@@ -326,10 +367,27 @@ async fn token_renewed_skew_before_expiry() {
     assert_eq!(first.secret(), cached.secret());
     assert_eq!(idp.stats().await.unwrap().token_requests, 1);
 
+    // In the refresh window the current token is returned at once and a new one is
+    // requested in the background, before the current one expires.
     tokio::time::sleep(Duration::from_millis(2300)).await;
+    let during = tokens.token(&creds).await.unwrap();
+    assert_eq!(first.secret(), during.secret());
+    wait_for_token_requests(&idp, 2).await;
     let renewed = tokens.token(&creds).await.unwrap();
     assert_ne!(first.secret(), renewed.secret());
+    assert!(std::time::Instant::now() < first.expires_at());
     assert_eq!(idp.stats().await.unwrap().token_requests, 2);
+}
+
+/// Waits up to 5 s until the provider has counted `count` token requests.
+async fn wait_for_token_requests(idp: &Idp, count: u64) {
+    for _ in 0..100 {
+        if idp.stats().await.unwrap().token_requests >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the provider did not receive {count} token requests");
 }
 
 #[tokio::test]
@@ -524,7 +582,7 @@ async fn debug_logs_show_fingerprint_only() {
         .await
         .unwrap();
     let mut wrong = frontend(&idp, &["admin"]);
-    wrong.client_secret = Secret::new("wrong-secret-value", "test");
+    set_secret(&mut wrong, "wrong-secret-value");
     tokens.token(&wrong).await.unwrap_err();
 
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
@@ -535,4 +593,161 @@ async fn debug_logs_show_fingerprint_only() {
     assert!(!text.contains(FRONTEND_SECRET), "{text}");
     assert!(!text.contains(VALIDATOR_SECRET), "{text}");
     assert!(!text.contains("wrong-secret-value"), "{text}");
+}
+
+/// Credentials of a `private_key_jwt` client that signs with `private_pem`.
+fn with_private_key(
+    idp: &Idp,
+    client_id: &str,
+    private_pem: &str,
+    algorithm: Option<SigningAlgorithm>,
+) -> ClientCredentials {
+    let options = AssertionOptions {
+        algorithm,
+        ..AssertionOptions::default()
+    };
+    let signer = AssertionSigner::from_pem(private_pem, "test key", options).unwrap();
+    ClientCredentials::new(
+        idp.token_endpoint(),
+        ClientId(client_id.into()),
+        ClientAuthentication::PrivateKeyJwt(Arc::new(signer)),
+    )
+}
+
+#[tokio::test]
+async fn private_key_jwt_every_algorithm() {
+    let ec = generate_client_key(KeyType::EcP256).unwrap();
+    let rsa = generate_client_key(KeyType::Rsa2048).unwrap();
+    let ed = generate_client_key(KeyType::Ed25519).unwrap();
+    let mut clients = clients();
+    clients.push(IdpClient::private_key_jwt(
+        "ec-client",
+        "read",
+        ec.public_jwk.clone(),
+    ));
+    clients.push(IdpClient::private_key_jwt(
+        "rsa-client",
+        "read",
+        rsa.public_jwk.clone(),
+    ));
+    clients.push(IdpClient::private_key_jwt(
+        "ed-client",
+        "read",
+        ed.public_jwk.clone(),
+    ));
+    let idp = start_idp(IdpConfig::new(clients));
+    let tokens = TokenSource::new(http(), SKEW);
+    let introspector = Introspector::new(http());
+
+    let cases = [
+        ("ec-client", &ec, None, "ES256"),
+        ("rsa-client", &rsa, None, "RS256"),
+        ("rsa-client", &rsa, Some(SigningAlgorithm::PS256), "PS256"),
+        ("ed-client", &ed, None, "EdDSA"),
+    ];
+    for (client_id, key, algorithm, name) in cases {
+        let creds = with_private_key(&idp, client_id, &key.private_pem, algorithm);
+        let token = tokens
+            .token(&creds)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", idp.stderr()));
+        let result = introspector
+            .introspect(&validator(&idp), token.secret())
+            .await
+            .unwrap();
+        assert!(result.active, "{name}: {result:?}");
+        assert_eq!(result.client_id.as_deref(), Some(client_id), "{name}");
+        // The cache key holds the key's fingerprint, not the algorithm, so the PS256 case
+        // shares the RS256 token; drop it to send a PS256 assertion.
+        tokens.invalidate(&creds).await;
+    }
+    let stats = idp.stats().await.unwrap();
+    assert_eq!(stats.token_requests, 4);
+    assert_eq!(
+        stats.basic_auth_requests, 4,
+        "only the four introspections use Basic authentication"
+    );
+}
+
+#[tokio::test]
+async fn private_key_jwt_wrong_key_rejected() {
+    let registered = generate_client_key(KeyType::EcP256).unwrap();
+    let other = generate_client_key(KeyType::EcP256).unwrap();
+    let mut clients = clients();
+    clients.push(IdpClient::private_key_jwt(
+        "ec-client",
+        "read",
+        registered.public_jwk,
+    ));
+    let idp = start_idp(IdpConfig::new(clients));
+    let tokens = TokenSource::new(http(), SKEW);
+
+    let creds = with_private_key(&idp, "ec-client", &other.private_pem, None);
+    let err = tokens.token(&creds).await.unwrap_err();
+
+    assert!(
+        matches!(&err, TokenError::Rejected { error, .. } if error.error == "invalid_client"),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    assert_eq!(idp.stats().await.unwrap().token_requests, 1, "not retried");
+    let message = err.to_string();
+    assert!(message.contains("ec-client"), "{message}");
+    assert!(
+        !message.contains(other.private_pem.lines().nth(1).unwrap()),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn audience_and_resource_reach_token() {
+    const API: &str = "https://api.tokenmesh.test";
+    const RESOURCE: &str = "https://orders.tokenmesh.test/";
+    let mut config = IdpConfig::new(clients());
+    config.resources = vec![API.to_string(), RESOURCE.to_string()];
+    let idp = start_idp(config);
+    let tokens = TokenSource::new(http(), SKEW);
+    let introspector = Introspector::new(http());
+
+    let plain = frontend(&idp, &["read"]);
+    let mut audience = frontend(&idp, &["read"]);
+    audience.audience = Some(API.to_string());
+    let mut resource = frontend(&idp, &["admin"]);
+    resource.resources = vec![RESOURCE.to_string()];
+
+    for (creds, expected_aud, expected_scope) in [
+        (&plain, "urn:tokenmesh:mesh", "read"),
+        (&audience, API, "read"),
+        (&resource, RESOURCE, "admin"),
+    ] {
+        let token = tokens.token(creds).await.unwrap();
+        let result = introspector
+            .introspect(&validator(&idp), token.secret())
+            .await
+            .unwrap();
+        assert!(result.active, "{result:?}");
+        assert_eq!(result.aud, [expected_aud], "{result:?}");
+        assert_eq!(result.scopes().collect::<Vec<_>>(), [expected_scope]);
+    }
+    // One cached token per (scopes, audience, resources).
+    assert_eq!(idp.stats().await.unwrap().token_requests, 3);
+    tokens.token(&audience).await.unwrap();
+    assert_eq!(idp.stats().await.unwrap().token_requests, 3);
+}
+
+#[tokio::test]
+async fn unknown_resource_is_invalid_target() {
+    let idp = start_idp(IdpConfig::new(clients()));
+    let tokens = TokenSource::new(http(), SKEW);
+    let mut creds = frontend(&idp, &["read"]);
+    creds.resources = vec!["https://unknown.tokenmesh.test/".into()];
+
+    let err = tokens.token(&creds).await.unwrap_err();
+
+    assert!(
+        matches!(&err, TokenError::Rejected { error, .. } if error.error == "invalid_target"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("resource indicator"), "{err}");
+    assert_eq!(idp.stats().await.unwrap().token_requests, 1);
 }

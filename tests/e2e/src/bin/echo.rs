@@ -1,7 +1,8 @@
 //! Test application that shows what reached it. In HTTP mode it responds to every request
 //! with 200 and a JSON body describing the request and the connection:
 //! `{"method", "path", "query", "headers": {name: [values]}, "body", "peer", "local"}`.
-//! In TCP mode it writes back every byte it reads, for pass-through tests.
+//! It prints one line per HTTP request to stdout. In TCP mode it writes back every byte
+//! it reads, for pass-through tests.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -90,6 +91,8 @@ async fn describe(
     local: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = request.into_parts();
+    // One stdout line per request, so tests can check whether a request reached the app.
+    println!("echo: {} {} from {peer}", parts.method, parts.uri.path());
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in &parts.headers {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
