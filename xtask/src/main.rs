@@ -2,6 +2,7 @@
 
 mod cleanup;
 mod command;
+mod manifests;
 mod setup;
 mod summary;
 
@@ -32,7 +33,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and the tests need and are missing: rust-src for nightly,
-    /// bpf-linker, iproute2, curl, and the identity provider's npm packages.
+    /// bpf-linker, iproute2, curl, the identity provider's npm packages, and kubectl,
+    /// kubernetes-validate and Checkov for the manifest checks.
     Setup,
     /// Run setup, then build every binary of the workspace in release mode.
     Build,

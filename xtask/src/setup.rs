@@ -22,6 +22,7 @@ pub fn run(root: &Path) -> Result<()> {
     ensure_bpf_linker(&mut installed)?;
     ensure_debian_tools(&mut installed)?;
     ensure_idp_packages(root, &mut installed)?;
+    crate::manifests::ensure_tools(&mut installed)?;
     if installed.is_empty() {
         println!("setup: nothing to install");
     } else {
