@@ -87,8 +87,8 @@ impl fmt::Display for KeyType {
     }
 }
 
-/// Why a private key cannot sign assertions, or why signing failed. Messages name the
-/// key's source, never its content.
+/// Failure to load a private key or to sign an assertion. Messages name the key's
+/// source, never its content.
 #[derive(Debug, thiserror::Error)]
 pub enum AssertionError {
     #[error(
