@@ -7,6 +7,10 @@
 
 /// Map of intercepted destination ports: key `u16` port, value [`PortPolicy`].
 pub const MAP_INTERCEPT_PORTS: &str = "TM_INTERCEPT";
+/// LPM trie of destination networks: key `aya::maps::lpm_trie::Key<u32>` (prefix length
+/// and IPv4 address in network byte order), value [`PortPolicy`]. The longest matching
+/// prefix decides; a destination that matches no prefix is not intercepted.
+pub const MAP_INTERCEPT_NETS: &str = "TM_INTERCEPT_NETS";
 /// Map of enrolled pods: key `u64` netns cookie, value [`PodSteering`].
 pub const MAP_PODS: &str = "TM_PODS";
 /// LRU map from socket cookie to [`OriginalDst`], written by `connect4`.
@@ -27,6 +31,8 @@ pub const PROGRAM_SK_LOOKUP: &str = "tm_sk_lookup";
 
 /// Maximum number of entries in [`MAP_INTERCEPT_PORTS`].
 pub const MAX_INTERCEPT_PORTS: u32 = 1024;
+/// Maximum number of networks in [`MAP_INTERCEPT_NETS`].
+pub const MAX_INTERCEPT_NETS: u32 = 1024;
 /// Maximum number of enrolled pods in [`MAP_PODS`].
 pub const MAX_PODS: u32 = 4096;
 /// Maximum number of connections in [`MAP_PENDING`] and [`MAP_ORIGINAL_DST`]; the least
@@ -37,7 +43,8 @@ pub const MAX_PROTECTED_PORTS: u32 = 16384;
 /// Number of slots in [`MAP_INBOUND_SOCKETS`], so the maximum number of protected pods.
 pub const MAX_INBOUND_SOCKETS: u32 = 4096;
 
-/// Value of [`MAP_INTERCEPT_PORTS`]: whether connections to this port are steered.
+/// Value of [`MAP_INTERCEPT_PORTS`] and [`MAP_INTERCEPT_NETS`]: whether connections to
+/// this port or network are steered.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortPolicy {

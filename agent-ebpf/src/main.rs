@@ -15,11 +15,11 @@ mod outbound;
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, SockMap},
+    maps::{HashMap, LpmTrie, LruHashMap, SockMap},
 };
 use tokenmesh_ebpf::{
-    ConnKey, InboundKey, MAX_INBOUND_SOCKETS, MAX_INTERCEPT_PORTS, MAX_PODS, MAX_PROTECTED_PORTS,
-    MAX_TRACKED_CONNECTIONS, OriginalDst, PodSteering, PortPolicy,
+    ConnKey, InboundKey, MAX_INBOUND_SOCKETS, MAX_INTERCEPT_NETS, MAX_INTERCEPT_PORTS, MAX_PODS,
+    MAX_PROTECTED_PORTS, MAX_TRACKED_CONNECTIONS, OriginalDst, PodSteering, PortPolicy,
 };
 
 /// `AF_INET` from `<sys/socket.h>`.
@@ -29,10 +29,15 @@ const SOCK_STREAM: u32 = 1;
 /// `IPPROTO_TCP` from `<netinet/in.h>`.
 const IPPROTO_TCP: u32 = 6;
 
-// Minimum kernel of each map type: hash maps 3.19, LRU hash maps 4.10, SOCKMAP 4.14.
+// Minimum kernel of each map type: hash maps 3.19, LRU hash maps 4.10, LPM tries 4.11,
+// SOCKMAP 4.14.
 
 #[map]
 static TM_INTERCEPT: HashMap<u16, PortPolicy> = HashMap::pinned(MAX_INTERCEPT_PORTS, 0);
+
+/// Keys are IPv4 addresses in network byte order, so the trie matches octets in order.
+#[map]
+static TM_INTERCEPT_NETS: LpmTrie<u32, PortPolicy> = LpmTrie::pinned(MAX_INTERCEPT_NETS, 0);
 
 #[map]
 static TM_PODS: HashMap<u64, PodSteering> = HashMap::pinned(MAX_PODS, 0);

@@ -9,11 +9,15 @@ use aya_ebpf::{
     bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, sock_ops},
+    maps::lpm_trie::Key,
     programs::{SockAddrContext, SockOpsContext},
 };
 use tokenmesh_ebpf::{ConnKey, OriginalDst};
 
-use crate::{AF_INET, IPPROTO_TCP, SOCK_STREAM, TM_INTERCEPT, TM_ORIG_DST, TM_PENDING, TM_PODS};
+use crate::{
+    AF_INET, IPPROTO_TCP, SOCK_STREAM, TM_INTERCEPT, TM_INTERCEPT_NETS, TM_ORIG_DST, TM_PENDING,
+    TM_PODS,
+};
 
 /// `cgroup/connect4` verdict that lets `connect()` go on.
 const CONNECT_ALLOW: i32 = 1;
@@ -77,6 +81,13 @@ fn steer_connect4(ctx: &SockAddrContext) -> i32 {
     // Same NULL check as above: "R0 invalid mem access 'map_value_or_null'".
     // SAFETY: the value is a plain integer struct copied out at once.
     match unsafe { TM_INTERCEPT.get(&dst_port) } {
+        Some(policy) if policy.intercept != 0 => {}
+        _ => return CONNECT_ALLOW,
+    }
+    // The longest prefix that contains the destination decides, so an excluded /32 (the
+    // identity provider, the API server) wins over an intercepted /8.
+    // Same NULL check as above: "R0 invalid mem access 'map_value_or_null'".
+    match TM_INTERCEPT_NETS.get(Key::new(32, dst_ip4)).copied() {
         Some(policy) if policy.intercept != 0 => {}
         _ => return CONNECT_ALLOW,
     }

@@ -31,7 +31,10 @@ pub use rules::{RulePlugin, UrlRule};
 pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
-    pub workloads_file: PathBuf,
+    /// The static workloads file, if `workloads.file` is set.
+    pub workloads_file: Option<PathBuf>,
+    /// Kubernetes discovery, if `workloads.kubernetes` is set.
+    pub kubernetes: Option<crate::workloads::kube::KubernetesSettings>,
     pub steering: SteeringConfig,
     pub proxy: ProxyConfig,
     pub audit: AuditConfig,
@@ -64,6 +67,14 @@ pub struct SteeringConfig {
     pub pods_cgroup: PathBuf,
     /// Destination ports whose outbound connections are steered into the agent.
     pub intercept_ports: Vec<u16>,
+    /// Destination networks whose connections are steered; every destination when empty.
+    #[serde(default)]
+    pub intercept_cidrs: Vec<ipnet::Ipv4Net>,
+    /// Destination networks that are never steered, such as the identity provider, the
+    /// Kubernetes API server and DNS. The longer prefix decides where both lists overlap.
+    /// Identity provider endpoints written as IPv4 addresses are excluded automatically.
+    #[serde(default)]
+    pub exclude_cidrs: Vec<ipnet::Ipv4Net>,
     /// Port of the per-pod outbound listener on 127.0.0.1 inside each pod.
     #[serde(default = "default_outbound_port")]
     pub outbound_port: u16,
@@ -189,7 +200,11 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawWorkloads {
     /// Static workloads file; relative paths are taken from the config file's folder.
-    file: PathBuf,
+    #[serde(default)]
+    file: Option<PathBuf>,
+    /// Pods of this node from the Kubernetes API.
+    #[serde(default)]
+    kubernetes: Option<crate::workloads::kube::KubernetesSpec>,
 }
 
 /// One problem found in a configuration file.
@@ -287,6 +302,7 @@ impl Config {
         validate_steering(&raw.steering, &mut problems);
         validate_proxy(&raw.proxy, &mut problems);
         let plugins = plugins::validate(&raw.plugins, base_dir, env, &mut problems);
+        let kubernetes = validate_workloads(&raw.workloads, env, &mut problems);
         // The typed parse succeeded, so the same text parses as a plain document, which
         // is what rule parameters are merged from.
         let document: serde_yaml::Value = serde_yaml::from_str(text).unwrap_or_default();
@@ -309,7 +325,8 @@ impl Config {
         }
         Ok(Config {
             path: path.to_path_buf(),
-            workloads_file: base_dir.join(&raw.workloads.file),
+            workloads_file: raw.workloads.file.map(|file| base_dir.join(file)),
+            kubernetes,
             steering: raw.steering,
             proxy: raw.proxy,
             audit: AuditConfig {
@@ -319,6 +336,26 @@ impl Config {
             plugins,
             urls,
         })
+    }
+}
+
+fn validate_workloads(
+    workloads: &RawWorkloads,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Option<crate::workloads::kube::KubernetesSettings> {
+    if workloads.file.is_none() && workloads.kubernetes.is_none() {
+        problems.push(
+            "workloads",
+            "names no source; set file: (a workloads file) or kubernetes: (node_name: ${NODE_NAME})",
+        );
+    }
+    match workloads.kubernetes.as_ref()?.validate(env) {
+        Ok(settings) => Some(settings),
+        Err(found) => {
+            problems.0.extend(found);
+            None
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use crate::{
         ClientAuthMethod, ClientId,
         introspect::{CachePolicy, IntrospectionEndpoint},
         assertion::SigningAlgorithm,
+        jwks::KeySource,
         jwt::JwtSettings,
         token::{ClientCredentials, TokenEndpointAuthMethod},
     },
@@ -191,6 +192,22 @@ pub struct Plugin {
 pub enum PluginKind {
     Creator(Arc<CreatorSettings>),
     Validator(Arc<ValidatorSettings>),
+}
+
+impl PluginKind {
+    /// URLs of the identity provider this plugin calls.
+    pub fn endpoints(&self) -> Vec<&str> {
+        match self {
+            PluginKind::Creator(creator) => vec![creator.credentials.token_endpoint.as_str()],
+            PluginKind::Validator(validator) => match &validator.token_check {
+                TokenCheck::Introspection { endpoint, .. } => vec![endpoint.url.as_str()],
+                TokenCheck::Jwt(jwt) => match &jwt.keys.source {
+                    KeySource::JwksUrl(url) => vec![url.as_str(), jwt.issuer.as_str()],
+                    KeySource::Issuer(issuer) => vec![issuer.as_str()],
+                },
+            },
+        }
+    }
 }
 
 /// Outbound: how a pod's requests get their access token.

@@ -81,6 +81,8 @@ fn pod(name: &str, account: &str, labels: &[(&str, &str)]) -> Pod {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
+        credentials: None,
+        probe_exemption: Default::default(),
     }
 }
 
@@ -177,4 +179,27 @@ fn unknown_rule_parameter_has_location() {
     let message = &error.problems[0].message;
     assert!(message.contains("unknown field `colour`"), "{message}");
     assert!(message.contains("line 46"), "{message}");
+}
+
+#[test]
+fn credentials_annotation_narrows_creators() {
+    let policy = policy(CONFIG);
+    // Matches frontend-token (service account) and labelled-token (label).
+    let mut both = pod("front", "frontend", &[("team", "payments")]);
+    let first = policy.creator_for(&both, &target("/")).settings.unwrap();
+    assert_eq!(first.plugin_id, "frontend-token");
+
+    both.credentials = Some("labelled-token".into());
+    let chosen = policy.creator_for(&both, &target("/")).settings.unwrap();
+    assert_eq!(chosen.plugin_id, "labelled-token");
+
+    // A plugin whose selector does not match the pod cannot be chosen.
+    let mut unlabelled = pod("front", "frontend", &[]);
+    unlabelled.credentials = Some("labelled-token".into());
+    assert!(policy.creator_for(&unlabelled, &target("/")).settings.is_none());
+
+    // The annotation does not change which validator applies.
+    let mut echo = pod("echo", "echo", &[]);
+    echo.credentials = Some("labelled-token".into());
+    assert!(policy.validator_for(&echo, &target("/")).settings.is_some());
 }

@@ -1,9 +1,11 @@
 //! The agent's lifecycle: load, steer, serve every pod, reload, and shut down on a signal.
 
+mod kubernetes;
 mod pods;
 mod reload;
 
 pub use pods::{Changes, PodSet};
+use kubernetes::KubePods;
 use reload::Reloader;
 
 use std::{
@@ -15,6 +17,7 @@ use std::{
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -42,9 +45,13 @@ pub fn cgroup_path(mount: &Path, path: &Path) -> PathBuf {
     mount.join(relative)
 }
 
-/// Loads the workloads file named by `config`, with cgroup paths made absolute.
+/// Loads the workloads file named by `config`, with cgroup paths made absolute; no pods
+/// when the config names no file.
 pub fn load_pods(config: &Config, cgroup_mount: &Path) -> anyhow::Result<Vec<Pod>> {
-    let mut pods = workloads::load_file(&config.workloads_file, Path::new("/"))?;
+    let Some(file) = &config.workloads_file else {
+        return Ok(Vec::new());
+    };
+    let mut pods = workloads::load_file(file, Path::new("/"))?;
     for pod in &mut pods {
         pod.cgroup = cgroup_path(cgroup_mount, &pod.cgroup);
     }
@@ -75,10 +82,13 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on admin.listen {}", config.admin.listen))?;
 
+    let exclude_networks = excluded_networks(&config);
     let steering = Arc::new(Steering::start(&SteeringSettings {
         bpffs_dir: config.steering.bpffs_dir.clone(),
         pods_cgroup: pods_cgroup.clone(),
         intercept_ports: config.steering.intercept_ports.clone(),
+        intercept_networks: config.steering.intercept_cidrs.clone(),
+        exclude_networks,
     })?);
 
     let shared = Arc::new(Shared {
@@ -94,9 +104,18 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
         tasks: TaskTracker::new(),
     });
 
+    let kube_pods = KubePods::start(&config, &cgroup_mount, shutdown.clone()).await;
+    let kube_pods = match kube_pods {
+        Ok(kube_pods) => kube_pods,
+        Err(e) => {
+            shutdown.cancel();
+            stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
+            return Err(e);
+        }
+    };
     let ports = (config.steering.outbound_port, config.steering.inbound_port);
     let mut pod_set = PodSet::default();
-    let changes = pod_set.reconcile(&shared, pods, ports).await;
+    let changes = pod_set.reconcile(&shared, pods.clone(), ports).await;
     if changes.failed > 0 {
         shutdown.cancel();
         stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
@@ -105,11 +124,18 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
             changes.failed
         );
     }
-    readiness.set(true);
+    // With Kubernetes, the agent is ready once the first listing of the node's pods is applied.
+    readiness.set(kube_pods.listed());
     tracing::info!(pods = pod_set.len(), "agent ready");
 
     let mut reloader = Reloader::new(config, cgroup_mount, env);
-    let result = serve_until_signal(&shared, &mut pod_set, &mut reloader, &readiness, ports).await;
+    let mut sources = Sources {
+        file_pods: pods,
+        kube_pods,
+    };
+    let result =
+        serve_until_signal(&shared, &mut pod_set, &mut reloader, &mut sources, &readiness, ports)
+            .await;
     tracing::info!("starting shutdown");
     readiness.set(false);
     shutdown.cancel();
@@ -120,11 +146,37 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
     result
 }
 
-/// Handles reload triggers until SIGINT or SIGTERM arrives.
+/// The configured exclusions plus every identity provider endpoint whose host is an
+/// IPv4 address, so pods' own calls to the provider are never steered into the agent.
+pub fn excluded_networks(config: &Config) -> Vec<Ipv4Net> {
+    let mut networks = config.steering.exclude_cidrs.clone();
+    for url in config.plugins.iter().flat_map(|plugin| plugin.kind.endpoints()) {
+        let host = url::Url::parse(url)
+            .ok()
+            .and_then(|url| url.host_str().map(str::to_string));
+        if let Some(Ok(address)) = host.map(|host| host.parse::<std::net::Ipv4Addr>()) {
+            let network = Ipv4Net::from(address);
+            if !networks.contains(&network) {
+                tracing::info!(network = %network, "excluding an identity provider address from steering");
+                networks.push(network);
+            }
+        }
+    }
+    networks
+}
+
+/// The pods of the workloads file and of the Kubernetes API, reconciled together.
+struct Sources {
+    file_pods: Vec<Pod>,
+    kube_pods: KubePods,
+}
+
+/// Handles reload triggers and Kubernetes pod changes until SIGINT or SIGTERM arrives.
 async fn serve_until_signal(
     shared: &Arc<Shared>,
     pod_set: &mut PodSet,
     reloader: &mut Reloader,
+    sources: &mut Sources,
     readiness: &Readiness,
     ports: (u16, u16),
 ) -> anyhow::Result<()> {
@@ -143,6 +195,19 @@ async fn serve_until_signal(
                 return Ok(());
             }
             _ = hangup.recv() => "SIGHUP",
+            _ = sources.kube_pods.changed() => {
+                let desired = sources.kube_pods.merge(&sources.file_pods);
+                let changes = pod_set.reconcile(shared, desired, ports).await;
+                readiness.set(changes.failed == 0);
+                tracing::info!(
+                    pods.added = changes.added,
+                    pods.removed = changes.removed,
+                    pods.replaced = changes.replaced,
+                    pods.failed = changes.failed,
+                    "Kubernetes pods applied"
+                );
+                continue;
+            }
             _ = poll.tick() => {
                 if !reloader.files_changed() {
                     continue;
@@ -157,8 +222,10 @@ async fn serve_until_signal(
         shared
             .policy
             .store(Arc::new(Policy::from_config(&config, generation)));
-        let changes = pod_set.reconcile(shared, pods, ports).await;
-        readiness.set(changes.failed == 0);
+        sources.file_pods = pods;
+        let desired = sources.kube_pods.merge(&sources.file_pods);
+        let changes = pod_set.reconcile(shared, desired, ports).await;
+        readiness.set(changes.failed == 0 && sources.kube_pods.listed());
         tracing::info!(
             trigger,
             generation,

@@ -24,7 +24,7 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn new(current: Config, cgroup_mount: PathBuf, env: Env) -> Reloader {
-        let fingerprint = fingerprint(&current.path, &current.workloads_file);
+        let fingerprint = fingerprint(&current.path, current.workloads_file.as_deref());
         Reloader {
             current,
             cgroup_mount,
@@ -39,7 +39,7 @@ impl Reloader {
 
     /// True once after the content of the config file or its workloads file changed.
     pub fn files_changed(&mut self) -> bool {
-        let now = fingerprint(&self.current.path, &self.current.workloads_file);
+        let now = fingerprint(&self.current.path, self.current.workloads_file.as_deref());
         if now == self.fingerprint {
             return false;
         }
@@ -67,7 +67,7 @@ impl Reloader {
         };
         self.warn_about_restart_only_changes(&config);
         // A workloads file that moved is watched from now on.
-        self.fingerprint = fingerprint(&config.path, &config.workloads_file);
+        self.fingerprint = fingerprint(&config.path, config.workloads_file.as_deref());
         Some((config, pods))
     }
 
@@ -95,9 +95,9 @@ impl Reloader {
 }
 
 /// A hash of both files' content; a missing file hashes as empty.
-fn fingerprint(config: &Path, workloads: &Path) -> u64 {
+fn fingerprint(config: &Path, workloads: Option<&Path>) -> u64 {
     let mut hasher = DefaultHasher::new();
-    for path in [config, workloads] {
+    for path in std::iter::once(config).chain(workloads) {
         std::fs::read(path).unwrap_or_default().hash(&mut hasher);
     }
     hasher.finish()

@@ -60,6 +60,8 @@ pub enum SteeringError {
         cgroup2_mount: Option<PathBuf>,
     },
 
+    #[error("{count} intercept and exclude networks configured, the maximum is {max}")]
+    TooManyNetworks { count: usize, max: u32 },
     #[error("invalid intercept port 0; use ports from 1 to 65535")]
     InvalidInterceptPort,
 

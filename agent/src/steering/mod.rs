@@ -25,6 +25,7 @@ use std::{
     sync::Mutex,
 };
 
+use ipnet::Ipv4Net;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError},
@@ -34,7 +35,7 @@ use aya::{
     },
 };
 use tokenmesh_ebpf::{
-    ConnKey, MAX_INTERCEPT_PORTS, OriginalDst, PROGRAM_CONNECT4, PROGRAM_SK_LOOKUP,
+    ConnKey, MAX_INTERCEPT_NETS, MAX_INTERCEPT_PORTS, OriginalDst, PROGRAM_CONNECT4, PROGRAM_SK_LOOKUP,
     PROGRAM_SOCKOPS, PodSteering,
 };
 
@@ -55,6 +56,11 @@ pub struct SteeringSettings {
     pub pods_cgroup: PathBuf,
     /// Destination ports whose outbound connections are steered into the agent.
     pub intercept_ports: Vec<u16>,
+    /// Destination networks that are steered; empty means every destination.
+    pub intercept_networks: Vec<Ipv4Net>,
+    /// Destination networks that are never steered. Where an intercepted and an excluded
+    /// network overlap, the longer prefix decides, and an exclusion wins a tie.
+    pub exclude_networks: Vec<Ipv4Net>,
 }
 
 /// Action of [`Steering::shutdown`] on the attached programs.
@@ -117,6 +123,11 @@ impl Steering {
         // Maps are taken out of `ebpf` only after every program is loaded, because the
         // loader wrote the map fds into the programs, and a dropped map closes its fd.
         outbound::sync_intercept_ports(&mut ebpf, &settings.intercept_ports)?;
+        outbound::sync_intercept_networks(
+            &mut ebpf,
+            &settings.intercept_networks,
+            &settings.exclude_networks,
+        )?;
 
         // sockops is attached first, because a connect that connect4 redirects before
         // sockops runs would leave no original destination for the proxy.
@@ -195,6 +206,13 @@ fn check_settings(settings: &SteeringSettings) -> Result<(), SteeringError> {
     }
     if settings.intercept_ports.contains(&0) {
         return Err(SteeringError::InvalidInterceptPort);
+    }
+    let networks = settings.intercept_networks.len().max(1) + settings.exclude_networks.len();
+    if networks > MAX_INTERCEPT_NETS as usize {
+        return Err(SteeringError::TooManyNetworks {
+            count: networks,
+            max: MAX_INTERCEPT_NETS,
+        });
     }
     if settings.intercept_ports.len() > MAX_INTERCEPT_PORTS as usize {
         return Err(SteeringError::TooManyInterceptPorts {
@@ -300,6 +318,8 @@ mod tests {
             bpffs_dir: "/sys/fs/bpf/tokenmesh-unit".into(),
             pods_cgroup: pods_cgroup.into(),
             intercept_ports,
+            intercept_networks: Vec::new(),
+            exclude_networks: Vec::new(),
         }
     }
 

@@ -2,15 +2,21 @@
 //! destinations that `sockops` records for the proxy.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
 use aya::{
     Ebpf, Pod,
-    maps::{HashMap, MapData},
+    maps::{
+        HashMap, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
-use tokenmesh_ebpf::{ConnKey, MAP_INTERCEPT_PORTS, MAP_PODS, PodSteering, PortPolicy};
+use ipnet::Ipv4Net;
+use tokenmesh_ebpf::{
+    ConnKey, MAP_INTERCEPT_NETS, MAP_INTERCEPT_PORTS, MAP_PODS, PodSteering, PortPolicy,
+};
 
 use super::{Steering, SteeringError, is_not_found, lock};
 
@@ -148,6 +154,71 @@ pub(super) fn sync_intercept_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Makes `TM_INTERCEPT_NETS` hold exactly the intercepted networks (0.0.0.0/0 when there
+/// are none) and the excluded ones: new entries are written before stale ones go.
+pub(super) fn sync_intercept_networks(
+    ebpf: &mut Ebpf,
+    intercept: &[Ipv4Net],
+    exclude: &[Ipv4Net],
+) -> Result<(), SteeringError> {
+    let map = ebpf
+        .map_mut(MAP_INTERCEPT_NETS)
+        .ok_or(SteeringError::MissingObject {
+            kind: "map",
+            name: MAP_INTERCEPT_NETS,
+        })?;
+    let map_error = |entry: String, error| SteeringError::Map {
+        map: MAP_INTERCEPT_NETS,
+        entry,
+        error,
+    };
+    let mut trie: LpmTrie<&mut MapData, u32, PortPolicy> = LpmTrie::try_from(map).map_err(
+        |error| map_error("opening the map".to_string(), error),
+    )?;
+
+    let every = [Ipv4Net::default()];
+    let intercept = if intercept.is_empty() { &every[..] } else { intercept };
+    let mut wanted = BTreeMap::new();
+    for net in intercept {
+        wanted.insert(net.trunc(), 1u8);
+    }
+    // Inserted last, so an exclusion of the same prefix wins.
+    for net in exclude {
+        wanted.insert(net.trunc(), 0u8);
+    }
+    for (net, action) in &wanted {
+        let policy = PortPolicy {
+            intercept: *action,
+            _pad: [0; 3],
+        };
+        trie.insert(&network_key(net), policy, 0)
+            .map_err(|error| map_error(net.to_string(), error))?;
+    }
+
+    let mut stale = Vec::new();
+    for key in trie.keys() {
+        let key = key.map_err(|error| map_error("listing networks pinned by an earlier run".to_string(), error))?;
+        let net = Ipv4Net::new(Ipv4Addr::from(key.data().to_ne_bytes()), key.prefix_len() as u8);
+        match net {
+            Ok(net) if wanted.contains_key(&net) => {}
+            _ => stale.push(key),
+        }
+    }
+    for key in stale {
+        match trie.remove(&key) {
+            Ok(()) => {}
+            Err(error) if is_not_found(&error) => {}
+            Err(error) => return Err(map_error("removing a stale network".to_string(), error)),
+        }
+    }
+    Ok(())
+}
+
+/// The trie key of `net`: the address in network byte order, as `connect4` sees it.
+fn network_key(net: &Ipv4Net) -> Key<u32> {
+    Key::new(u32::from(net.prefix_len()), u32::from_ne_bytes(net.network().octets()))
 }
 
 /// Takes the hash map `name` out of `ebpf`, so it can live behind its own lock.

@@ -161,6 +161,9 @@ pub struct IdpStats {
     pub revocation_requests: u64,
     /// Requests to the three endpoints above that carried `Authorization: Basic`.
     pub basic_auth_requests: u64,
+    /// `GET /jwks` requests.
+    #[serde(default)]
+    pub jwks_requests: u64,
 }
 
 /// A running provider. Dropping it stops the process and waits for it.
@@ -318,6 +321,27 @@ impl Idp {
             .json()
             .await
             .with_context(|| format!("GET {url} returned no stats JSON"))
+    }
+
+    /// Adds a new signing key per algorithm (`POST /test/rotate-keys`) and returns the kids
+    /// now published, newest first. New tokens are signed with the new keys.
+    pub async fn rotate_keys(&self) -> anyhow::Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct Rotated {
+            kids: Vec<String>,
+        }
+        let url = format!("{}/test/rotate-keys", self.base_url);
+        let rotated: Rotated = reqwest::Client::new()
+            .post(&url)
+            .send()
+            .await
+            .with_context(|| format!("POST {url} failed"))?
+            .error_for_status()
+            .with_context(|| format!("POST {url} failed"))?
+            .json()
+            .await
+            .with_context(|| format!("POST {url} returned no kids"))?;
+        Ok(rotated.kids)
     }
 
     /// Returns what the provider wrote to stderr so far, for failure messages.

@@ -204,3 +204,35 @@ fn stopped_agent_fails_closed() {
     let local = scenario.curl("echo", &format!("http://127.0.0.1:{PROTECTED_PORT}/"), &[]).unwrap();
     assert_eq!(local.status, 200, "{local:?}");
 }
+
+#[test]
+fn excluded_network_not_steered() {
+    let mut scenario = scenario("exclude");
+    let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
+    let echo_ip = scenario.pod("echo").ip;
+    let subnet = scenario.topology.subnet();
+    assert_eq!(scenario.curl("frontend", &url, &[]).unwrap().status, 200);
+    scenario.stop_agent().unwrap();
+
+    // The pod subnet is intercepted but echo's own address is excluded, and the longer
+    // prefix decides. A restart picks up the change; the pinned maps are rewritten.
+    scenario
+        .rewrite_config(|text| {
+            text.replace(
+                "  intercept_ports: [8080]\n",
+                &format!(
+                    "  intercept_ports: [8080]\n  intercept_cidrs: [{subnet}]\n  exclude_cidrs: [{echo_ip}/32]\n"
+                ),
+            )
+        })
+        .unwrap();
+    scenario.start_agent().unwrap();
+
+    let outcome = scenario.curl("frontend", &url, &[]).unwrap();
+    assert_eq!(outcome.status, 401, "not steered out, so no token: {outcome:?}");
+    let records = scenario.audit_records().unwrap();
+    let outbound = records_where(&records, "outbound", PROTECTED_PORT);
+    assert_eq!(outbound.len(), 1, "only the request before the restart: {records:#?}");
+    let inbound = records_where(&records, "inbound", PROTECTED_PORT);
+    assert_eq!(inbound.last().unwrap()["reason"], "missing_token");
+}

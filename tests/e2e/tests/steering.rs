@@ -241,6 +241,8 @@ fn settings(topology: &Topology) -> SteeringSettings {
         bpffs_dir: topology.bpf_pin_dir().to_path_buf(),
         pods_cgroup: topology.pods_cgroup().to_path_buf(),
         intercept_ports: vec![APP_PORT],
+        intercept_networks: Vec::new(),
+        exclude_networks: Vec::new(),
     }
 }
 
