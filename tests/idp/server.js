@@ -14,6 +14,8 @@ const TOKEN_PATH = '/token';
 const INTROSPECTION_PATH = '/token/introspection';
 const REVOCATION_PATH = '/token/revocation';
 const STATS_PATH = '/test/stats';
+const ROTATE_KEYS_PATH = '/test/rotate-keys';
+const JWKS_PATH = '/jwks';
 
 // Resource indicator added to every client-credentials request that names none. Tokens
 // carry it as their `aud` claim, and a JWT access token cannot be issued without one.
@@ -85,18 +87,17 @@ function readConfig(path) {
 }
 
 // Both an EC P-256 and an RSA key go into the JWKS, so a verifier finds either algorithm.
-function generateJwks() {
+// Their kids end in `generation`: 1 at start, one more after each key rotation.
+function generateKeys(generation) {
   const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' });
   const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 });
-  return {
-    keys: [
-      { ...ec.privateKey.export({ format: 'jwk' }), kid: 'es256-1', use: 'sig', alg: 'ES256' },
-      { ...rsa.privateKey.export({ format: 'jwk' }), kid: 'rs256-1', use: 'sig', alg: 'RS256' },
-    ],
-  };
+  return [
+    { ...ec.privateKey.export({ format: 'jwk' }), kid: `es256-${generation}`, use: 'sig', alg: 'ES256' },
+    { ...rsa.privateKey.export({ format: 'jwk' }), kid: `rs256-${generation}`, use: 'sig', alg: 'RS256' },
+  ];
 }
 
-function buildProvider(issuer, config) {
+function buildProvider(issuer, config, keys) {
   const allScopes = new Set();
   for (const client of config.clients) {
     for (const scope of (client.scope ?? '').split(' ').filter(Boolean)) {
@@ -128,7 +129,9 @@ function buildProvider(issuer, config) {
     // Listing every client scope as a known scope makes the provider reject a scope that
     // the requesting client is not registered for, with `invalid_scope`.
     scopes: ['openid', ...allScopes],
-    jwks: generateJwks(),
+    // oidc-provider signs with the first key of the wanted algorithm, so the newest
+    // keys come first.
+    jwks: { keys },
     cookies: { keys: [randomBytes(32).toString('base64url')] },
     features: {
       devInteractions: { enabled: false },
@@ -183,8 +186,31 @@ function main() {
     introspection_requests: 0,
     revocation_requests: 0,
     basic_auth_requests: 0,
+    jwks_requests: 0,
   };
   let handler = null;
+  let issuer = null;
+  let keys = generateKeys(1);
+  let keyGeneration = 1;
+
+  // Builds the provider with the current keys and routes requests to it. Tokens are kept
+  // across a rebuild, because oidc-provider's memory adapter is shared by the process.
+  const startProvider = () => {
+    let provider;
+    try {
+      provider = buildProvider(issuer, config, keys);
+    } catch (err) {
+      fail(`invalid provider configuration: ${err.message}`);
+    }
+    // Error descriptions never contain a secret or a token value.
+    provider.on('server_error', (ctx, err) => {
+      process.stderr.write(`idp: server error on ${ctx.path}: ${err.stack}\n`);
+    });
+    provider.on('grant.error', (ctx, err) => {
+      process.stderr.write(`idp: token request failed: ${err.error}: ${err.error_description}\n`);
+    });
+    handler = provider.callback();
+  };
 
   const server = createServer((req, res) => {
     const path = new URL(req.url, 'http://127.0.0.1').pathname;
@@ -193,6 +219,21 @@ function main() {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify(stats));
       return;
+    }
+
+    // Adds a new signing key per algorithm, with new kids, and signs new tokens with
+    // them. The old keys stay published, so tokens already issued still verify.
+    if (req.method === 'POST' && path === ROTATE_KEYS_PATH && handler !== null) {
+      keyGeneration += 1;
+      keys = [...generateKeys(keyGeneration), ...keys];
+      startProvider();
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ kids: keys.map((key) => key.kid) }));
+      return;
+    }
+
+    if (req.method === 'GET' && path === JWKS_PATH) {
+      stats.jwks_requests += 1;
     }
 
     if (req.method === 'POST') {
@@ -221,21 +262,8 @@ function main() {
   // afterwards. A request that arrives in between gets 503.
   server.listen(config.port, '127.0.0.1', () => {
     const { port } = server.address();
-    const issuer = `http://127.0.0.1:${port}`;
-    let provider;
-    try {
-      provider = buildProvider(issuer, config);
-    } catch (err) {
-      fail(`invalid provider configuration: ${err.message}`);
-    }
-    // Error descriptions never contain a secret or a token value.
-    provider.on('server_error', (ctx, err) => {
-      process.stderr.write(`idp: server error on ${ctx.path}: ${err.stack}\n`);
-    });
-    provider.on('grant.error', (ctx, err) => {
-      process.stderr.write(`idp: token request failed: ${err.error}: ${err.error_description}\n`);
-    });
-    handler = provider.callback();
+    issuer = `http://127.0.0.1:${port}`;
+    startProvider();
     process.stdout.write(`listening on ${issuer}\n`);
   });
 

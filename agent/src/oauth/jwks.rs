@@ -23,7 +23,7 @@ use reqwest::StatusCode;
 /// Largest discovery or JWKS document accepted. Real key sets are a few KiB.
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 
-/// Where the keys come from.
+/// Source of the keys.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum KeySource {
     /// A JWKS URL, fetched directly.
@@ -32,7 +32,7 @@ pub enum KeySource {
     Issuer(String),
 }
 
-/// How one key set is fetched and refreshed.
+/// Fetch and refresh settings of one key set.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct KeySetConfig {
     pub source: KeySource,
@@ -95,7 +95,7 @@ pub struct KeySetStats {
     pub fetch_failures: AtomicU64,
     /// Fetches started because a token named a `kid` the set did not contain.
     pub unknown_kid_refetches: AtomicU64,
-    /// Lookups answered with keys older than the refresh interval because the issuer
+    /// Lookups served with keys older than the refresh interval because the issuer
     /// could not be reached.
     pub stale_lookups: AtomicU64,
 }
@@ -135,7 +135,7 @@ pub enum KeySetError {
     NoUsableKeys { url: String },
 }
 
-/// Why no key was found for a token.
+/// Failure to find a key for a token.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum KeyLookupError {
     #[error("no key in the set matches kid {kid:?} and the token's algorithm")]
@@ -387,7 +387,7 @@ struct Metadata {
 }
 
 /// Reads `jwks_uri` from the issuer's metadata: OpenID Connect Discovery 1.0 section 4
-/// first, then the RFC 8414 section 3 location when the first answers 404. Both
+/// first, then the RFC 8414 section 3 location when the first returns 404. Both
 /// documents must name exactly the configured issuer.
 async fn discover_jwks_uri(http: &reqwest::Client, issuer: &str) -> Result<String, KeySetError> {
     let mut last = None;
@@ -421,7 +421,7 @@ async fn discover_jwks_uri(http: &reqwest::Client, issuer: &str) -> Result<Strin
     Err(last.expect("metadata_urls returns at least one URL"))
 }
 
-/// The OpenID Connect Discovery URL (issuer + `/.well-known/openid-configuration`) and the
+/// Returns the OpenID Connect Discovery URL (issuer + `/.well-known/openid-configuration`) and the
 /// RFC 8414 URL (`/.well-known/oauth-authorization-server` inserted before the issuer's
 /// path).
 fn metadata_urls(issuer: &str) -> Vec<String> {

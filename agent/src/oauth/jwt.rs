@@ -3,8 +3,8 @@
 //! with the issuer's public keys ([`super::jwks`]), then `iss`, `aud`, `exp`, `nbf`, `iat`
 //! and `client_id`.
 //!
-//! `none` and the HMAC algorithms are rejected whatever the configuration says: a public
-//! key used as an HMAC secret would let anyone who knows the public key sign tokens.
+//! `none` and the HMAC algorithms are rejected whatever the configuration lists, because
+//! a public key used as an HMAC secret would let anyone who knows it sign tokens.
 
 use std::{
     str::FromStr,
@@ -25,7 +25,7 @@ pub const DEFAULT_ALGORITHMS: [Algorithm; 4] = [
     Algorithm::EdDSA,
 ];
 
-/// How JWT access tokens are checked.
+/// Settings of the JWT access token check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JwtSettings {
     /// Exact value the `iss` claim must have.
@@ -57,7 +57,7 @@ impl JwtClaims {
     }
 }
 
-/// Why a JWT access token was rejected. [`JwtError::reason`] is the audit reason.
+/// Cause of a JWT access token's rejection. [`JwtError::reason`] is the audit reason.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum JwtError {
     #[error("the token is not a JWS in compact serialization: {0}")]
@@ -307,8 +307,8 @@ fn audience_list(value: Option<&serde_json::Value>) -> Option<Vec<String>> {
     }
 }
 
-/// A NumericDate (RFC 7519 section 2): seconds since the epoch, possibly fractional.
-/// Fractions are cut, negative values rejected.
+/// Parses a NumericDate (RFC 7519 section 2): seconds since the epoch, possibly
+/// fractional. Fractions are cut, negative values rejected.
 fn numeric_date(value: Option<&serde_json::Value>) -> Option<u64> {
     let number = value?.as_number()?;
     if let Some(whole) = number.as_u64() {

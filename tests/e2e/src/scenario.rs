@@ -109,6 +109,10 @@ pub struct ScenarioOptions {
     pub frontend_parameters: Option<Vec<String>>,
     /// YAML lines of the agent's `proxy:` section, such as `token_refresh_skew: 2s`.
     pub proxy: Vec<String>,
+    /// YAML lines that replace the `echo-validator` plugin's three `introspection_*` lines
+    /// under `parameters:`, such as `token_format: jwt`. `{issuer}` in a line becomes the
+    /// provider's issuer URL.
+    pub echo_validator_parameters: Option<Vec<String>>,
     /// Files written into the scenario folder before the agent starts: relative path and
     /// content.
     pub files: Vec<(String, String)>,
@@ -201,6 +205,19 @@ impl Scenario {
             .iter()
             .map(|line| format!("      {line}\n"))
             .collect::<String>();
+        let echo_validator_parameters = options
+            .echo_validator_parameters
+            .clone()
+            .unwrap_or_else(|| {
+                vec![
+                    format!("introspection_url: {}", self.idp.introspection_endpoint()),
+                    "introspection_client_id: echo-validator".into(),
+                    "introspection_client_secret: ${ECHO_VALIDATOR_SECRET}".into(),
+                ]
+            })
+            .iter()
+            .map(|line| format!("      {}\n", line.replace("{issuer}", self.idp.base_url())))
+            .collect::<String>();
         let proxy = if options.proxy.is_empty() {
             String::new()
         } else {
@@ -260,10 +277,7 @@ plugins:
     workloads:
       service_account: echo
     parameters:
-      introspection_url: {introspection}
-      introspection_client_id: echo-validator
-      introspection_client_secret: ${{ECHO_VALIDATOR_SECRET}}
-      required_scopes: [admin]
+{echo_validator_parameters}      required_scopes: [admin]
       allowed_client_ids: [frontend]
       allowed_cidrs: [{frontend}/32, {intruder}/32]
       client_id_header: {CLIENT_ID_HEADER}
@@ -272,7 +286,6 @@ plugins:
             cgroup = self.topology.pods_cgroup().display(),
             admin = self.admin,
             token = self.idp.token_endpoint(),
-            introspection = self.idp.introspection_endpoint(),
             frontend = self.pod("frontend").ip,
             intruder = self.pod("intruder").ip,
         );

@@ -135,6 +135,7 @@ impl Checker<'_> {
             .map(|_| self.url("jwks_url", &params.jwks_url));
         let audiences = self.audiences(params);
         let algorithms = self.algorithms(params);
+
         let leeway = params.leeway.unwrap_or(DEFAULT_LEEWAY);
         if leeway > MAX_LEEWAY {
             self.problem(
@@ -145,6 +146,7 @@ impl Checker<'_> {
                 ),
             );
         }
+
         let refresh_interval = params
             .jwks_refresh_interval
             .unwrap_or(DEFAULT_JWKS_REFRESH_INTERVAL);
@@ -162,6 +164,7 @@ impl Checker<'_> {
                 );
             }
         }
+
         let issuer = issuer?;
         let source = match jwks_url {
             Some(url) => KeySource::JwksUrl(url?),
@@ -344,7 +347,7 @@ fn introspection_fields(params: &Parameters) -> [(&'static str, bool); 6] {
     ]
 }
 
-/// Every validator-only parameter with whether it is set, for the creator's check.
+/// Lists every validator-only parameter with whether it is set, for the creator's check.
 pub(super) fn validator_only_fields(params: &Parameters) -> Vec<(&'static str, bool)> {
     let mut fields = Vec::new();
     fields.extend(jwt_fields(params));
