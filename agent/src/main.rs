@@ -103,12 +103,15 @@ fn check_config(
     let config = Config::load(file, env)?;
     let cgroup_mount = cgroup_mount_or_default();
     let pods = run::load_pods(&config, &cgroup_mount)?;
+    let source = match (&config.workloads_file, &config.kubernetes) {
+        (Some(path), _) => format!("{} pods in {}", pods.len(), path.display()),
+        (None, Some(kubernetes)) => format!("pods from Kubernetes node {}", kubernetes.node_name),
+        (None, None) => "no pods".to_string(),
+    };
     println!(
-        "{}: valid ({} plugins, {} pods in {})",
+        "{}: valid ({} plugins, {source})",
         file.display(),
         config.plugins.len(),
-        pods.len(),
-        config.workloads_file.display()
     );
     Ok(())
 }

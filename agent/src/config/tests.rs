@@ -52,9 +52,10 @@ fn problems(text: &str) -> Vec<Problem> {
 fn valid_file_parses_with_defaults() {
     let config = parse(VALID).unwrap();
     assert_eq!(
-        config.workloads_file,
-        Path::new("/etc/tokenmesh/workloads.yaml")
+        config.workloads_file.as_deref(),
+        Some(Path::new("/etc/tokenmesh/workloads.yaml"))
     );
+    assert_eq!(config.kubernetes, None);
     assert_eq!(config.audit.path, Path::new("/etc/tokenmesh/audit.jsonl"));
     assert_eq!(config.steering.outbound_port, 15001);
     assert_eq!(config.steering.inbound_port, 15006);
@@ -223,9 +224,10 @@ fn shipped_example_is_valid() {
     let env = |name: &str| (name == "ECHO_VALIDATOR_SECRET").then(|| "s".to_string());
     let config = Config::parse(&text, Path::new(example), &env).unwrap();
     assert_eq!(config.plugins.len(), 2);
+    assert_eq!(config.urls.len(), 1);
     assert_eq!(config.steering.intercept_ports, [8080]);
 
-    let workloads = config.workloads_file.clone();
+    let workloads = config.workloads_file.clone().unwrap();
     let pods = crate::workloads::load_file(&workloads, Path::new("/sys/fs/cgroup")).unwrap();
     assert_eq!(pods.len(), 2);
     let policy = crate::policy::Policy::from_config(&config, 1);
@@ -238,4 +240,55 @@ fn shipped_example_is_valid() {
     let validator = policy.validator_for(&pods[1], &target).settings.unwrap();
     assert_eq!(validator.plugin_id, "echo-validator");
     assert!(policy.creator_for(&pods[1], &target).settings.is_none());
+    let health = crate::policy::pattern::Target {
+        path: "/healthz",
+        ..target
+    };
+    assert!(policy.validator_for(&pods[1], &health).settings.is_none());
 }
+
+#[test]
+fn kubernetes_source_without_file() {
+    let text = VALID.replace(
+        "  file: workloads.yaml",
+        "  kubernetes:\n    node_name: ${NODE_NAME}\n    cgroup_driver: systemd",
+    );
+    let env = |name: &str| match name {
+        "NODE_NAME" => Some("worker-3".to_string()),
+        _ => Some("secret".to_string()),
+    };
+    let config = Config::parse(&text, Path::new("/etc/tokenmesh/agent.yaml"), &env).unwrap();
+    assert_eq!(config.workloads_file, None);
+    let kubernetes = config.kubernetes.unwrap();
+    assert_eq!(kubernetes.node_name, "worker-3");
+    assert_eq!(
+        kubernetes.cgroup_driver,
+        Some(crate::workloads::cgroups::CgroupDriver::Systemd)
+    );
+}
+
+#[test]
+fn workloads_without_source_rejected() {
+    let text = VALID.replace("  file: workloads.yaml", "  {}");
+    let text = text.replace("workloads:\n  {}", "workloads: {}");
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].key, "workloads");
+    assert!(found[0].message.contains("names no source"), "{}", found[0].message);
+}
+
+#[test]
+fn kubernetes_problems_carry_keys() {
+    let text = VALID.replace(
+        "  file: workloads.yaml",
+        "  kubernetes:\n    node_name: ${NO_SUCH_VAR}\n    resolve_retry: 0s",
+    );
+    let env = |name: &str| (name != "NO_SUCH_VAR").then(|| "secret".to_string());
+    let error = Config::parse(&text, Path::new("/etc/tokenmesh/agent.yaml"), &env).unwrap_err();
+    let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["workloads.kubernetes.node_name", "workloads.kubernetes.resolve_retry"]
+    );
+}
+

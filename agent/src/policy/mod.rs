@@ -76,6 +76,13 @@ impl Policy {
             if !plugin.workloads.matches(pod) {
                 continue;
             }
+            // The pod's `tokenmesh.io/credentials` annotation picks one creator among those
+            // that select it, so it cannot borrow the credentials of another workload.
+            if let (PluginKind::Creator(_), Some(id)) = (&plugin.kind, &pod.credentials)
+                && plugin.id != *id
+            {
+                continue;
+            }
             let adjusted = rule.and_then(|rule| rule.plugins.get(&plugin.id));
             let enabled = adjusted.and_then(|a| a.enabled).unwrap_or(plugin.enabled);
             if !enabled {

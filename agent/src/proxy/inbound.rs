@@ -45,6 +45,15 @@ pub async fn serve(
     // The app listens inside the pod; loopback is never steered, so this reaches it.
     let app = SocketAddr::from((Ipv4Addr::LOCALHOST, original.port()));
 
+    // Kubelet probes come from the node and carry no token; the pod's probe exemption
+    // lists the node's addresses and the protected ports its probes use.
+    if runtime.pod.probe_exemption.exempts(peer.ip(), original.port()) {
+        let mut event = flow_event(Direction::Inbound, peer, original);
+        event.destination_pod = Some(runtime.pod.identity.to_string());
+        pass_through(&shared, &runtime, stream, event, app, "probe_exempt").await;
+        return;
+    }
+
     if detect::sniff(&stream, shared.settings.protocol_detect_timeout).await
         != detect::Protocol::Http1
     {
@@ -65,7 +74,9 @@ pub async fn serve(
         event.plugin = validator.as_ref().map(|v| v.plugin_id.clone());
         let action = validator.map_or(NonHttpAction::Allow, |v| v.non_http);
         match action {
-            NonHttpAction::Allow => pass_through(&shared, &runtime, stream, event, app).await,
+            NonHttpAction::Allow => {
+                pass_through(&shared, &runtime, stream, event, app, "tcp_pass_through").await
+            }
             NonHttpAction::Deny => {
                 event.finish(Decision::Deny, "not_http", Default::default());
                 shared.audit.record(&event);

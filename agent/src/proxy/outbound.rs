@@ -49,7 +49,7 @@ pub async fn serve(
         let mut event = flow_event(Direction::Outbound, source, destination);
         event.source_pod = Some(runtime.pod.identity.to_string());
         event.destination_pod = shared.pod_name(destination.ip());
-        pass_through(&shared, &runtime, stream, event, destination).await;
+        pass_through(&shared, &runtime, stream, event, destination, "tcp_pass_through").await;
         return;
     }
 

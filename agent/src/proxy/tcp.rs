@@ -7,13 +7,15 @@ use tokio::net::TcpStream;
 use super::{PodRuntime, Shared, upstream};
 use crate::audit::{AuditEvent, Decision, Direction};
 
-/// Copies bytes both ways between `client` and `destination` and audits the flow.
+/// Copies bytes both ways between `client` and `destination` and audits the flow with
+/// `reason`, such as `tcp_pass_through`.
 pub async fn pass_through(
     shared: &Shared,
     runtime: &PodRuntime,
     mut client: TcpStream,
     mut event: AuditEvent,
     destination: SocketAddr,
+    reason: &'static str,
 ) {
     let started = Instant::now();
     let timeout = shared.settings.connect_timeout;
@@ -30,7 +32,7 @@ pub async fn pass_through(
     let (up, down) = copied.unwrap_or((0, 0));
     event.bytes_up = Some(up);
     event.bytes_down = Some(down);
-    event.finish(Decision::Allow, "tcp_pass_through", started.elapsed());
+    event.finish(Decision::Allow, reason, started.elapsed());
     shared.audit.record(&event);
 }
 

@@ -111,6 +111,8 @@ fn parse(text: &str, cgroup_root: &Path) -> Result<Vec<Pod>, String> {
             cgroup,
             protected_ports: entry.protected_ports,
             labels: entry.labels,
+            credentials: None,
+            probe_exemption: Default::default(),
         });
     }
     Ok(pods)

@@ -31,19 +31,9 @@ pub use settings::{KubernetesSettings, KubernetesSpec, ProbeExemptionSpec};
 pub use translate::{CREDENTIALS_KEY, Candidate, ENABLED_KEY, PROTECTED_PORTS_KEY, Skip};
 
 use super::{
-    Pod, ProbeExemption,
+    Pod,
     cgroups::{self, ResolveError},
 };
-
-/// One enrolled pod of this node, with its cgroup and network namespace found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiscoveredPod {
-    pub uid: String,
-    pub pod: Pod,
-    /// Token-creator plugin id the pod's `tokenmesh.io/credentials` annotation names.
-    pub credentials: Option<String>,
-    pub probe_exemption: ProbeExemption,
-}
 
 /// Why the Kubernetes source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +56,7 @@ pub async fn run(
     client: Client,
     settings: KubernetesSettings,
     cgroup_mount: PathBuf,
-    sender: watch::Sender<Option<Vec<DiscoveredPod>>>,
+    sender: watch::Sender<Option<Vec<Pod>>>,
     shutdown: CancellationToken,
 ) {
     let pods_api: Api<KubePod> = Api::all(client.clone());
@@ -206,7 +196,7 @@ impl State {
     }
 
     /// The enrolled, resolved pods, or `None` until both initial listings completed.
-    fn desired(&mut self) -> Option<Vec<DiscoveredPod>> {
+    fn desired(&mut self) -> Option<Vec<Pod>> {
         if !self.pods.listed || !self.namespaces.listed {
             return None;
         }
@@ -253,7 +243,7 @@ impl State {
             .retain(|uid, _| self.pods.objects.contains_key(uid));
         self.pending = pending;
         self.skipped = skipped;
-        desired.sort_by(|a, b| a.pod.identity.cmp(&b.pod.identity));
+        desired.sort_by(|a, b| a.identity.cmp(&b.identity));
         Some(desired)
     }
 
@@ -278,17 +268,14 @@ impl State {
     }
 }
 
-fn discovered(candidate: Candidate, resolved: Resolved) -> DiscoveredPod {
-    DiscoveredPod {
-        uid: candidate.uid,
-        pod: Pod {
-            identity: candidate.identity,
-            ip: candidate.ip,
-            netns: resolved.netns,
-            cgroup: resolved.cgroup,
-            protected_ports: candidate.protected_ports,
-            labels: candidate.labels,
-        },
+fn discovered(candidate: Candidate, resolved: Resolved) -> Pod {
+    Pod {
+        identity: candidate.identity,
+        ip: candidate.ip,
+        netns: resolved.netns,
+        cgroup: resolved.cgroup,
+        protected_ports: candidate.protected_ports,
+        labels: candidate.labels,
         credentials: candidate.credentials,
         probe_exemption: candidate.probe_exemption,
     }

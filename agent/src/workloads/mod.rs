@@ -42,6 +42,11 @@ pub struct Pod {
     pub protected_ports: Vec<u16>,
     /// Kubernetes labels, for workload selectors.
     pub labels: BTreeMap<String, String>,
+    /// Token-creator plugin id that the pod's `tokenmesh.io/credentials` annotation names;
+    /// it narrows the creators whose selector matches the pod to that one.
+    pub credentials: Option<String>,
+    /// Connections to protected ports that need no token (kubelet probes).
+    pub probe_exemption: ProbeExemption,
 }
 
 /// Sources that reach a protected pod's probe ports without a token: the kubelet probes

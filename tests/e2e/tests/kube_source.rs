@@ -15,8 +15,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use tokenmesh_agent::workloads::{
+    Pod,
     cgroups::{CgroupDriver, QosClass, pod_cgroup_path},
-    kube::{self as kube_source, DiscoveredPod, KubernetesSettings},
+    kube::{self as kube_source, KubernetesSettings},
 };
 use tokenmesh_e2e::{
     kubepods::{KubepodsRoot, PodNetwork, netns_id},
@@ -229,14 +230,14 @@ const POD_CGROUPS: [(u32, CgroupDriver, QosClass); 6] = [
     (7, CgroupDriver::Cgroupfs, QosClass::Burstable), // payments/report-0
 ];
 
-fn names(pods: &[DiscoveredPod]) -> Vec<String> {
-    pods.iter().map(|p| p.pod.identity.to_string()).collect()
+fn names(pods: &[Pod]) -> Vec<String> {
+    pods.iter().map(|p| p.identity.to_string()).collect()
 }
 
 async fn wait_for_names(
-    receiver: &mut watch::Receiver<Option<Vec<DiscoveredPod>>>,
+    receiver: &mut watch::Receiver<Option<Vec<Pod>>>,
     expected: &[&str],
-) -> Result<Vec<DiscoveredPod>> {
+) -> Result<Vec<Pod>> {
     let waited = tokio::time::timeout(
         WAIT,
         receiver.wait_for(|set| set.as_deref().is_some_and(|pods| names(pods) == expected)),
@@ -294,14 +295,10 @@ async fn list_watch_resync_replayed() -> Result<()> {
     // still Pending.
     let initial = wait_for_names(&mut receiver, &["payments/ledger-0", "shop/cart-0"]).await?;
     let ledger = &initial[0];
-    assert_eq!(ledger.uid, uid(2));
-    assert_eq!(ledger.pod.identity.service_account, "ledger");
-    assert_eq!(ledger.pod.ip.to_string(), "10.244.1.12");
-    assert_eq!(ledger.pod.protected_ports, vec![8080]);
-    assert_eq!(
-        ledger.pod.labels.get("app").map(String::as_str),
-        Some("ledger")
-    );
+    assert_eq!(ledger.identity.service_account, "ledger");
+    assert_eq!(ledger.ip.to_string(), "10.244.1.12");
+    assert_eq!(ledger.protected_ports, vec![8080]);
+    assert_eq!(ledger.labels.get("app").map(String::as_str), Some("ledger"));
     assert_eq!(ledger.credentials.as_deref(), Some("ledger-token"));
     assert_eq!(ledger.probe_exemption.ports, vec![8080]);
     assert_eq!(
@@ -309,7 +306,7 @@ async fn list_watch_resync_replayed() -> Result<()> {
         vec!["192.0.2.10/32".parse()?, "10.244.1.1/32".parse()?]
     );
     assert_eq!(
-        ledger.pod.cgroup,
+        ledger.cgroup,
         kubepods.path().join(pod_cgroup_path(
             CgroupDriver::Systemd,
             QosClass::Guaranteed,
@@ -317,11 +314,11 @@ async fn list_watch_resync_replayed() -> Result<()> {
         ))
     );
     assert_eq!(
-        netns_id(&ledger.pod.netns)?,
+        netns_id(&ledger.netns)?,
         netns_id(Path::new(&format!("/proc/{}/ns/net", pids[&2].pid)))?
     );
     let cart = &initial[1];
-    assert_eq!(cart.pod.cgroup, pids[&1].cgroup);
+    assert_eq!(cart.cgroup, pids[&1].cgroup);
     assert_eq!(cart.credentials, None);
 
     // The watch: batch-0 added, worker-0 now Running, cart-0 deleted, then a bookmark.
@@ -331,8 +328,8 @@ async fn list_watch_resync_replayed() -> Result<()> {
         &["payments/batch-0", "payments/ledger-0", "payments/worker-0"],
     )
     .await?;
-    assert_eq!(watched[2].pod.cgroup, pids[&5].cgroup);
-    assert_eq!(watched[0].pod.cgroup, pids[&6].cgroup);
+    assert_eq!(watched[2].cgroup, pids[&5].cgroup);
+    assert_eq!(watched[0].cgroup, pids[&6].cgroup);
 
     // The next watch starts at the bookmark's version and gets 410 Gone; the new list has
     // report-0, and batch-0 was deleted while no watch ran.
@@ -345,7 +342,7 @@ async fn list_watch_resync_replayed() -> Result<()> {
         ],
     )
     .await?;
-    assert_eq!(resynced[1].pod.cgroup, pids[&7].cgroup);
+    assert_eq!(resynced[1].cgroup, pids[&7].cgroup);
 
     // The source watches again from the new list's version.
     server.wait_for_request("watch=true&timeoutSeconds=290&fieldSelector=spec.nodeName%3Dnode-1&allowWatchBookmarks=true&resourceVersion=1020").await?;
@@ -446,7 +443,7 @@ async fn pod_steered_once_cgroup_appears() -> Result<()> {
         PodNetwork::Own,
     )?;
     let later = wait_for_names(&mut receiver, &["payments/ledger-0", "shop/cart-0"]).await?;
-    assert_eq!(later[1].pod.cgroup, cart.cgroup);
+    assert_eq!(later[1].cgroup, cart.cgroup);
 
     shutdown.cancel();
     tokio::time::timeout(WAIT, source).await??;
