@@ -264,3 +264,6 @@ pub(super) fn creator_only_fields(params: &Parameters) -> Vec<(&'static str, boo
     fields.extend(private_key_fields(params));
     fields
 }
+
+#[cfg(test)]
+mod tests;
