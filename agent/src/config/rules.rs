@@ -39,7 +39,7 @@ pub struct UrlRule {
     pub plugins: BTreeMap<String, RulePlugin>,
 }
 
-/// What a rule changes for one plugin.
+/// A rule's changes to one plugin.
 #[derive(Debug, Clone)]
 pub struct RulePlugin {
     /// Replaces the plugin's `enabled` when set.

@@ -7,7 +7,7 @@
 
 use std::{fmt, net::IpAddr};
 
-/// What a request is matched on.
+/// The parts of a request that patterns match.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     /// The `Host` header without its port, when the request has one.
@@ -40,7 +40,7 @@ impl fmt::Display for Pattern {
 }
 
 impl Pattern {
-    /// Parses `text`; the error says what is wrong with it.
+    /// Parses `text`. The error names the part that is invalid.
     pub fn parse(text: &str) -> Result<Pattern, String> {
         let trimmed = text.trim();
         if trimmed.is_empty() {
