@@ -340,6 +340,8 @@ fn select(
 }
 
 /// Key sets by source, shared by every validator that names the same source.
+// NOTE: a set whose source or intervals a reload removed stays here, unused, until the
+// agent restarts.
 pub struct KeySets {
     http: reqwest::Client,
     sets: Mutex<HashMap<KeySetConfig, Arc<KeySet>>>,
