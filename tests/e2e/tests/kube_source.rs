@@ -1,6 +1,6 @@
 //! The Kubernetes workload source against API responses replayed from
 //! `fixtures/kube/`. No API server runs on this machine, so a small HTTP server on
-//! 127.0.0.1 stands in for it: it serves the pod and namespace lists, then the watch
+//! 127.0.0.1 (`kube_replay`) stands in for it: it serves the pod and namespace lists, then the watch
 //! streams (add, modify, delete, bookmark, and an HTTP 410 "too old resource version"
 //! error that forces a new list). The pods' cgroups and network namespaces are real:
 //! kubelet-style cgroups below a test-owned cgroup, each with a process in its own
@@ -9,215 +9,79 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use tokenmesh_agent::workloads::{
     Pod,
     cgroups::{CgroupDriver, QosClass, pod_cgroup_path},
     kube::{self as kube_source, KubernetesSettings},
 };
 use tokenmesh_e2e::{
+    kube_replay::{ReplayServer, Reply, Route, fixture},
     kubepods::{KubepodsRoot, PodNetwork, netns_id},
     topology::{cgroup2_mount, require_root},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::{Notify, watch},
-};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 const NODE: &str = "node-1";
 const WAIT: Duration = Duration::from_secs(20);
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/kube")
-        .join(name)
-}
-
 fn uid(n: u32) -> String {
     format!("7c3f5d2a-1b4e-4f6a-9d8c-{n:012x}")
 }
 
-/// What the replay server sends for one request.
-enum Reply {
-    /// A whole JSON document.
-    Document(&'static str),
-    /// Watch events, one JSON object a line, after `gate` is notified; then the stream ends.
-    Events(&'static str, Option<Arc<Notify>>),
-    /// A watch that stays open with no events until the test ends.
-    Idle,
-    NotFound,
-}
-
-/// Stands in for the API server: answers each request from the fixtures and records it.
-struct ReplayServer {
-    url: String,
-    requests: Arc<Mutex<Vec<String>>>,
-    release_first_watch: Arc<Notify>,
-    stop: CancellationToken,
-}
-
-impl ReplayServer {
-    async fn start() -> Result<ReplayServer> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let release_first_watch = Arc::new(Notify::new());
-        let stop = CancellationToken::new();
-        let pod_lists = Arc::new(Mutex::new(0u32));
-
-        let (log, gate, stopped) = (requests.clone(), release_first_watch.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    _ = stopped.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(_) => break,
-                    },
-                };
-                let (log, gate, stopped, pod_lists) = (
-                    log.clone(),
-                    gate.clone(),
-                    stopped.clone(),
-                    pod_lists.clone(),
-                );
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = stopped.cancelled() => {}
-                        _ = serve(stream, log, gate, pod_lists) => {}
-                    }
-                });
-            }
-        });
-        Ok(ReplayServer {
-            url,
-            requests,
-            release_first_watch,
-            stop,
-        })
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-
-    /// Waits until a request whose target contains `part` has arrived.
-    async fn wait_for_request(&self, part: &str) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !self.requests().iter().any(|r| r.contains(part)) {
-            if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "no request with {part:?} within {WAIT:?}: {:#?}",
-                    self.requests()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ReplayServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-fn reply_for(target: &str, gate: &Arc<Notify>, pod_lists: &Mutex<u32>) -> Reply {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let params: HashMap<&str, &str> = query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .collect();
-    let watching = params.get("watch") == Some(&"true");
-    let version = params.get("resourceVersion").copied().unwrap_or("");
-    match (path, watching, version) {
-        ("/api/v1/pods", false, _) => {
-            let mut count = pod_lists.lock().unwrap();
-            *count += 1;
-            match *count {
-                1 => Reply::Document("pods-list-1000.json"),
-                _ => Reply::Document("pods-list-1020.json"),
-            }
-        }
-        ("/api/v1/pods", true, "1000") => {
-            Reply::Events("pods-watch-from-1000.jsonl", Some(gate.clone()))
-        }
-        ("/api/v1/pods", true, "1010") => Reply::Events("pods-watch-from-1010.jsonl", None),
-        ("/api/v1/pods", true, "1020") => Reply::Idle,
-        ("/api/v1/namespaces", false, _) => Reply::Document("namespaces-list-500.json"),
-        ("/api/v1/namespaces", true, "500") => Reply::Idle,
-        _ => Reply::NotFound,
-    }
-}
-
-/// Reads one HTTP/1.1 request head and answers it. Every response closes the connection,
-/// so bodies end at EOF and no request body handling is needed (the client only GETs).
-async fn serve(
-    mut stream: TcpStream,
-    log: Arc<Mutex<Vec<String>>>,
-    gate: Arc<Notify>,
-    pod_lists: Arc<Mutex<u32>>,
-) -> Result<()> {
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let read = stream.read(&mut buffer).await?;
-        if read == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buffer[..read]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    let target = head
-        .lines()
-        .next()
-        .and_then(|line| line.split_whitespace().nth(1))
-        .context("request line without a target")?
-        .to_string();
-    log.lock().unwrap().push(target.clone());
-
-    let ok = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n";
-    match reply_for(&target, &gate, &pod_lists) {
-        Reply::Document(name) => {
-            stream.write_all(ok.as_bytes()).await?;
-            stream.write_all(&std::fs::read(fixture(name))?).await?;
-        }
-        Reply::Events(name, gate) => {
-            stream.write_all(ok.as_bytes()).await?;
-            stream.flush().await?;
-            if let Some(gate) = gate {
-                gate.notified().await;
-            }
-            for line in std::fs::read_to_string(fixture(name))?.lines() {
-                stream.write_all(format!("{line}\n").as_bytes()).await?;
-                stream.flush().await?;
-            }
-        }
-        Reply::Idle => {
-            stream.write_all(ok.as_bytes()).await?;
-            stream.flush().await?;
-            std::future::pending::<()>().await;
-        }
-        Reply::NotFound => {
-            let body = format!(
-                r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"no recorded response for {target}","reason":"NotFound","code":404}}"#
-            );
-            let response = format!(
-                "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            stream.write_all(response.as_bytes()).await?;
-        }
-    }
-    stream.shutdown().await?;
-    Ok(())
+/// The recorded conversation: a pod list, a watch with an added, a modified and a deleted
+/// pod and a bookmark (held until `gate` is notified), a watch from the bookmark that
+/// gets 410 Gone, a second pod list, and idle watches after it.
+fn routes(gate: Arc<Notify>) -> Result<Vec<Route>> {
+    Ok(vec![
+        Route {
+            path: "/api/v1/pods",
+            watch: false,
+            version: None,
+            replies: vec![
+                Reply::Document(fixture("pods-list-1000.json")?),
+                Reply::Document(fixture("pods-list-1020.json")?),
+            ],
+        },
+        Route {
+            path: "/api/v1/pods",
+            watch: true,
+            version: Some("1000"),
+            replies: vec![Reply::Events(
+                fixture("pods-watch-from-1000.jsonl")?,
+                Some(gate),
+            )],
+        },
+        Route {
+            path: "/api/v1/pods",
+            watch: true,
+            version: Some("1010"),
+            replies: vec![Reply::Events(fixture("pods-watch-from-1010.jsonl")?, None)],
+        },
+        Route {
+            path: "/api/v1/pods",
+            watch: true,
+            version: Some("1020"),
+            replies: vec![Reply::Idle],
+        },
+        Route {
+            path: "/api/v1/namespaces",
+            watch: false,
+            version: None,
+            replies: vec![Reply::Document(fixture("namespaces-list-500.json")?)],
+        },
+        Route {
+            path: "/api/v1/namespaces",
+            watch: true,
+            version: Some("500"),
+            replies: vec![Reply::Idle],
+        },
+    ])
 }
 
 /// Pods of the fixtures that get a cgroup: (uid number, driver, QoS class as listed).
@@ -269,7 +133,8 @@ async fn list_watch_resync_replayed() -> Result<()> {
         pids.insert(n, process);
     }
 
-    let server = ReplayServer::start().await?;
+    let gate = Arc::new(Notify::new());
+    let server = ReplayServer::start(routes(gate.clone())?).await?;
     let client = kube::Client::try_from(kube::Config::new(server.url.parse()?))?;
     let settings = KubernetesSettings {
         node_name: NODE.to_string(),
@@ -322,7 +187,7 @@ async fn list_watch_resync_replayed() -> Result<()> {
     assert_eq!(cart.credentials, None);
 
     // The watch: batch-0 added, worker-0 now Running, cart-0 deleted, then a bookmark.
-    server.release_first_watch.notify_one();
+    gate.notify_one();
     let watched = wait_for_names(
         &mut receiver,
         &["payments/batch-0", "payments/ledger-0", "payments/worker-0"],
@@ -345,7 +210,9 @@ async fn list_watch_resync_replayed() -> Result<()> {
     assert_eq!(resynced[1].cgroup, pids[&7].cgroup);
 
     // The source watches again from the new list's version.
-    server.wait_for_request("watch=true&timeoutSeconds=290&fieldSelector=spec.nodeName%3Dnode-1&allowWatchBookmarks=true&resourceVersion=1020").await?;
+    server
+        .wait_for_request("allowWatchBookmarks=true&resourceVersion=1020", WAIT)
+        .await?;
     let requests = server.requests();
     let pod_lists: Vec<&String> = requests
         .iter()
@@ -413,7 +280,7 @@ async fn pod_steered_once_cgroup_appears() -> Result<()> {
         PodNetwork::Own,
     )?;
 
-    let server = ReplayServer::start().await?;
+    let server = ReplayServer::start(routes(Arc::new(Notify::new()))?).await?;
     let client = kube::Client::try_from(kube::Config::new(server.url.parse()?))?;
     let settings = KubernetesSettings {
         node_name: NODE.to_string(),
