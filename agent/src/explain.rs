@@ -134,3 +134,94 @@ fn describe_creator(
 fn list(items: &[String], empty: &str) -> String {
     if items.is_empty() { empty.to_string() } else { items.join(", ") }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+workloads:
+  file: workloads.yaml
+steering:
+  pods_cgroup: pods
+  intercept_ports: [8080]
+plugins:
+  - id: frontend-token
+    type: token-creator
+    workloads: { service_account: frontend }
+    parameters:
+      token_endpoint: http://127.0.0.1:4000/token
+      client_id: frontend
+      client_secret: ${SECRET}
+      scopes: [admin]
+  - id: echo-validator
+    type: token-validator
+    workloads: { service_account: echo }
+    parameters:
+      introspection_url: http://127.0.0.1:4000/token/introspection
+      introspection_client_id: echo
+      introspection_client_secret: ${SECRET}
+      required_scopes: [admin]
+      allowed_client_ids: [frontend]
+      allowed_cidrs: [10.0.0.2/32]
+urls:
+  - pattern: "*/healthz"
+    plugins:
+      echo-validator: { enabled: false }
+"#;
+
+    fn pod(name: &str, ip: [u8; 4]) -> Pod {
+        Pod {
+            identity: crate::workloads::PodIdentity {
+                namespace: "shop".into(),
+                name: name.into(),
+                service_account: name.into(),
+            },
+            ip: ip.into(),
+            netns: format!("/run/netns/{name}").into(),
+            cgroup: format!("/sys/fs/cgroup/{name}").into(),
+            protected_ports: if name == "echo" { vec![8080] } else { vec![] },
+            labels: Default::default(),
+            credentials: None,
+            probe_exemption: Default::default(),
+        }
+    }
+
+    fn setup() -> (Config, Vec<Pod>) {
+        let env = |_: &str| Some("s".to_string());
+        let config = Config::parse(CONFIG, Path::new("/etc/agent.yaml"), &env).unwrap();
+        let pods = vec![pod("frontend", [10, 0, 0, 2]), pod("echo", [10, 0, 0, 3]), pod("other", [10, 0, 0, 4])];
+        (config, pods)
+    }
+
+    #[test]
+    fn allowed_call_explained() {
+        let (config, pods) = setup();
+        let text = explain(&config, &pods, "frontend", "http://10.0.0.3:8080/api").unwrap();
+        assert!(text.contains("token creator: frontend-token"), "{text}");
+        assert!(text.contains("validator: echo-validator"), "{text}");
+        assert!(text.contains("source address 10.0.0.2: allowed"), "{text}");
+    }
+
+    #[test]
+    fn rule_and_source_explained() {
+        let (config, pods) = setup();
+        let text = explain(&config, &pods, "shop/other", "http://echo:8080/healthz").unwrap();
+        assert!(text.contains("rule: urls[0] \"*/healthz\" matches"), "{text}");
+        assert!(text.contains("no enabled token-validator selects shop/echo"), "{text}");
+        assert!(text.contains("no enabled token-creator selects this pod"), "{text}");
+        let text = explain(&config, &pods, "other", "http://10.0.0.3:8080/api").unwrap();
+        assert!(text.contains("REJECTED with 403 source_ip_not_allowed"), "{text}");
+    }
+
+    #[test]
+    fn uncaught_port_and_unknown_pod() {
+        let (config, pods) = setup();
+        let text = explain(&config, &pods, "frontend", "http://10.0.0.3:9090/").unwrap();
+        assert!(text.contains("port 9090 is not in steering.intercept_ports"), "{text}");
+        let error = explain(&config, &pods, "ghost", "http://10.0.0.3:8080/").unwrap_err();
+        assert!(error.to_string().contains("no pod \"ghost\""), "{error}");
+    }
+}

@@ -149,6 +149,8 @@ fn every_problem_reported_at_once() {
         "{shown}"
     );
     assert!(shown.contains("UNSET_VAR"), "{shown}");
+    assert!(shown.contains("  - line 5 column 3: steering.outbound_port"), "{shown}");
+    assert!(shown.contains("  - line 15 column 23: plugins[0].parameters.token_endpoint"), "{shown}");
 }
 
 #[test]
