@@ -5,13 +5,13 @@ use std::time::Duration;
 
 /// Wait before the first retry, before jitter.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait between two attempts, before jitter.
+/// Maximum wait between two attempts, before jitter.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often, and for how long, one token request is tried.
+/// Retry limits of one token request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in total, the first included; 1 means no retry.

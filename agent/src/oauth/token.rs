@@ -2,10 +2,10 @@
 //! token endpoint, client, credential, scope set, audience and resource set.
 //!
 //! A cached token is used until it expires. From `refresh_skew` before that, each use
-//! starts a refresh in the background when none is running and none started within the
-//! client's minimum request interval, so a provider that returns the same token again
-//! is asked at most once per interval. Callers wait only when no unexpired token is
-//! cached.
+//! starts a refresh in the background, unless one is running or the previous request
+//! ended less than the client's minimum request interval ago. So a provider that returns
+//! the same token again is asked at most once per interval. Callers wait only when no
+//! unexpired token is cached.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,10 +50,10 @@ pub enum TokenEndpointAuthMethod {
     PrivateKeyJwt,
 }
 
-/// How a client proves its identity at the token endpoint.
+/// Client credential presented at the token endpoint.
 #[derive(Clone, Debug)]
 pub enum ClientAuthentication {
-    /// A client secret, sent as `method` says.
+    /// A client secret, sent with `method`.
     Secret {
         secret: Secret,
         method: ClientAuthMethod,
@@ -315,7 +315,7 @@ struct EntryState {
     refreshing: bool,
 }
 
-/// What a caller does with the state it found.
+/// Next step of a caller, chosen from the cached state.
 #[derive(Debug)]
 enum Lookup {
     Use(Arc<AccessToken>),

@@ -130,7 +130,8 @@ async fn handle(
 }
 
 /// Replaces whatever token header the app sent with a fresh token for the pod's client.
-/// Returns the 503 answer when no token can be had; the request is then not forwarded.
+/// Returns the 503 response when no token can be had, and the request is then not
+/// forwarded.
 async fn attach_token(
     shared: &Shared,
     creator: &CreatorSettings,
@@ -145,7 +146,7 @@ async fn attach_token(
                 plugin = %creator.plugin_id,
                 client.id = %credentials.client_id,
                 error = %e,
-                "no access token; answering 503"
+                "no access token; responding with 503"
             );
             return Err(token_unavailable(credentials, &e));
         }

@@ -58,7 +58,8 @@ impl IdpClient {
         }
     }
 
-    /// A client that authenticates with JWTs signed by the private half of `public_jwk`.
+    /// Creates a client that authenticates with JWTs signed by the private half of
+    /// `public_jwk`.
     pub fn private_key_jwt(client_id: &str, scope: &str, public_jwk: serde_json::Value) -> Self {
         IdpClient {
             client_id: client_id.to_string(),

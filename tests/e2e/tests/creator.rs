@@ -27,8 +27,8 @@ fn scenario(prefix: &str, options: ScenarioOptions) -> Scenario {
     Scenario::start_with(prefix, binaries(), options).expect("cannot start the scenario")
 }
 
-/// The clients of the standard scenario, with the given `frontend` client in place of
-/// the standard one.
+/// Returns the clients of the standard scenario, with the given `frontend` client in
+/// place of the standard one.
 fn clients(frontend: Option<IdpClient>) -> Vec<IdpClient> {
     vec![
         frontend.unwrap_or_else(|| IdpClient::new("frontend", "frontend-secret", "admin")),
@@ -406,7 +406,8 @@ fn resource_reaches_provider() {
     assert_eq!(audiences(&claims), [RESOURCE], "{claims}");
 }
 
-/// The `aud` member of an introspection response, which may be a string or a list.
+/// Returns the `aud` member of an introspection response, which may be a string or a
+/// list.
 fn audiences(claims: &serde_json::Value) -> Vec<String> {
     match &claims["aud"] {
         serde_json::Value::String(aud) => vec![aud.clone()],

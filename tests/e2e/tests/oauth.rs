@@ -39,7 +39,7 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
-/// Credentials of `client_id` with a client secret sent as `method` says.
+/// Returns credentials of `client_id` with a client secret sent with `method`.
 fn with_secret(
     idp: &Idp,
     client_id: &str,
@@ -338,7 +338,7 @@ async fn short_ttl_token_used_until_expiry() {
     config.token_ttl_seconds = 2;
     let idp = start_idp(config);
     // The token expires sooner than the skew, so it is in its refresh window at once,
-    // but the minimum request interval holds the refresh back and the token stays in use.
+    // but the minimum request interval delays the refresh and the token stays in use.
     let tokens = TokenSource::new(http(), Duration::from_secs(5));
     let creds = frontend(&idp, &["read"]);
 
@@ -657,7 +657,7 @@ async fn private_key_jwt_every_algorithm() {
             .unwrap();
         assert!(result.active, "{name}: {result:?}");
         assert_eq!(result.client_id.as_deref(), Some(client_id), "{name}");
-        // The cache key holds the key's fingerprint, not the algorithm, so the PS256 case
+        // The cache key contains the key's fingerprint, not the algorithm, so the PS256 case
         // shares the RS256 token; drop it to send a PS256 assertion.
         tokens.invalidate(&creds).await;
     }

@@ -15,7 +15,7 @@ use crate::oauth::{
 };
 
 const MAX_TOKEN_REQUEST_ATTEMPTS: u32 = 10;
-/// Longest total time for one token request with its retries: pods wait this long for a
+/// Maximum total time for one token request with its retries. Pods wait this long for a
 /// response when no token is cached.
 const MAX_TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Shortest interval between token requests for one key, so a provider that repeats a
@@ -238,7 +238,7 @@ fn private_key_fields(params: &Parameters) -> [(&'static str, bool); 5] {
     ]
 }
 
-/// Every creator-only parameter with whether it is set, for the validator's check.
+/// Lists every creator-only parameter with whether it is set, for the validator's check.
 pub(super) fn creator_only_fields(params: &Parameters) -> Vec<(&'static str, bool)> {
     let mut fields = vec![
         ("token_endpoint", params.token_endpoint.is_some()),
