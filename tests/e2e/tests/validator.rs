@@ -394,6 +394,26 @@ fn jwt_expiring_on_keep_alive_connection_rejected() {
 }
 
 #[test]
+fn opaque_expiring_on_keep_alive_connection_rejected() {
+    // The cache allows 60 s, but the entry ends at the token's `exp`.
+    let scenario = start(
+        "voxp",
+        standard_idp(TokenFormat::Opaque, None, 2),
+        opaque_validator(&["introspection_cache_ttl: 60s"]),
+    );
+    let token = fetch_token(&scenario.idp, "frontend", "frontend-secret");
+    let mut connection = Connection::open(scenario.pod("frontend"), echo_addr(&scenario));
+    let first = connection.send("GET", "/api", &bearer(&token));
+    assert_eq!(first.status, 200, "{first:?}\n{}", scenario.agent_log());
+
+    thread::sleep(Duration::from_secs(3));
+    let before = inbound_records(&scenario).len();
+    let second = connection.send("GET", "/api", &bearer(&token));
+    assert_denied(&scenario, &second, 401, "token_inactive", before);
+    assert_eq!(scenario.idp_stats().unwrap().introspection_requests, 2);
+}
+
+#[test]
 fn jwt_keys_keep_serving_while_provider_down() {
     let idp_config = standard_idp(TokenFormat::Jwt, Some("ES256"), 300);
     let mut scenario = start(
