@@ -441,4 +441,214 @@ mod tests {
         let key = cache_key(&a, "token-1");
         assert!(!key.windows(7).any(|w| w == b"token-1"));
     }
+
+    /// An introspection endpoint on 127.0.0.1 that answers every request with `body` and
+    /// `status`, and counts the requests.
+    struct Endpoint {
+        url: String,
+        requests: Arc<AtomicU64>,
+        answer: Arc<std::sync::Mutex<(u16, String)>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Endpoint {
+        async fn start(status: u16, body: &str) -> Endpoint {
+            use hyper::{Response, service::service_fn};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/introspect", listener.local_addr().unwrap());
+            let requests = Arc::new(AtomicU64::new(0));
+            let answer = Arc::new(std::sync::Mutex::new((status, body.to_string())));
+            let (counted, answered) = (requests.clone(), answer.clone());
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (counted, answered) = (counted.clone(), answered.clone());
+                    tokio::spawn(async move {
+                        let service = service_fn(move |_request| {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            let (status, body) = answered.lock().unwrap().clone();
+                            async move {
+                                Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+            Endpoint {
+                url,
+                requests,
+                answer,
+                task,
+            }
+        }
+
+        fn endpoint(&self) -> IntrospectionEndpoint {
+            IntrospectionEndpoint {
+                url: self.url.clone(),
+                client_id: ClientId("validator".into()),
+                client_secret: Secret::new("s", "test"),
+                auth_method: ClientAuthMethod::ClientSecretBasic,
+            }
+        }
+
+        fn requests(&self) -> u64 {
+            self.requests.load(Ordering::SeqCst)
+        }
+
+        fn set_answer(&self, status: u16, body: &str) {
+            *self.answer.lock().unwrap() = (status, body.to_string());
+        }
+    }
+
+    impl Drop for Endpoint {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn active_until(exp: u64) -> String {
+        format!(r#"{{"active":true,"client_id":"frontend","exp":{exp}}}"#)
+    }
+
+    fn unix_now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[tokio::test]
+    async fn active_result_cached_until_ttl() {
+        let server = Endpoint::start(200, &active_until(unix_now() + 300)).await;
+        let introspector = Introspector::new(reqwest::Client::new());
+        let policy = CachePolicy {
+            max_ttl: Duration::from_millis(300),
+            negative_ttl: Duration::ZERO,
+        };
+        for _ in 0..3 {
+            let result = introspector
+                .introspect_cached(&server.endpoint(), "token-a", policy)
+                .await
+                .unwrap();
+            assert!(result.active);
+        }
+        assert_eq!(server.requests(), 1);
+        assert_eq!(introspector.stats.cache_hits.load(Ordering::Relaxed), 2);
+
+        // Another token is another entry.
+        introspector
+            .introspect_cached(&server.endpoint(), "token-b", policy)
+            .await
+            .unwrap();
+        assert_eq!(server.requests(), 2);
+
+        // After the TTL the provider is asked again and its new answer counts.
+        server.set_answer(200, r#"{"active":false}"#);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let result = introspector
+            .introspect_cached(&server.endpoint(), "token-a", policy)
+            .await
+            .unwrap();
+        assert!(!result.active);
+        assert_eq!(server.requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn inactive_result_cached_only_when_configured() {
+        let server = Endpoint::start(200, r#"{"active":false}"#).await;
+        let introspector = Introspector::new(reqwest::Client::new());
+        let no_negative = CachePolicy {
+            max_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::ZERO,
+        };
+        for _ in 0..2 {
+            introspector
+                .introspect_cached(&server.endpoint(), "token", no_negative)
+                .await
+                .unwrap();
+        }
+        assert_eq!(server.requests(), 2);
+
+        let negative = CachePolicy {
+            negative_ttl: Duration::from_secs(60),
+            ..no_negative
+        };
+        for _ in 0..2 {
+            introspector
+                .introspect_cached(&server.endpoint(), "other", negative)
+                .await
+                .unwrap();
+        }
+        assert_eq!(server.requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn entry_ends_at_token_expiry() {
+        // The token expires within a second, long before the configured maximum.
+        let server = Endpoint::start(200, &active_until(unix_now() + 1)).await;
+        let introspector = Introspector::new(reqwest::Client::new());
+        let policy = CachePolicy {
+            max_ttl: Duration::from_secs(600),
+            negative_ttl: Duration::ZERO,
+        };
+        introspector
+            .introspect_cached(&server.endpoint(), "token", policy)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        introspector
+            .introspect_cached(&server.endpoint(), "token", policy)
+            .await
+            .unwrap();
+        assert_eq!(server.requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn failures_not_cached() {
+        let server = Endpoint::start(500, "oops").await;
+        let introspector = Introspector::new(reqwest::Client::new());
+        let policy = CachePolicy {
+            max_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(60),
+        };
+        for _ in 0..2 {
+            let error = introspector
+                .introspect_cached(&server.endpoint(), "token", policy)
+                .await
+                .unwrap_err();
+            assert!(error.to_string().contains(&server.url), "{error}");
+        }
+        assert_eq!(server.requests(), 2);
+
+        server.set_answer(200, &active_until(unix_now() + 300));
+        let result = introspector
+            .introspect_cached(&server.endpoint(), "token", policy)
+            .await
+            .unwrap();
+        assert!(result.active);
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_request() {
+        let server = Endpoint::start(200, &active_until(unix_now() + 300)).await;
+        let introspector = Introspector::new(reqwest::Client::new());
+        let policy = CachePolicy {
+            max_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::ZERO,
+        };
+        let endpoint = server.endpoint();
+        let calls = (0..10).map(|_| introspector.introspect_cached(&endpoint, "token", policy));
+        for result in futures::future::join_all(calls).await {
+            assert!(result.unwrap().active);
+        }
+        assert_eq!(server.requests(), 1);
+    }
 }
