@@ -39,6 +39,7 @@ pub(crate) async fn request_token(
         if !error.is_retryable() || attempt >= policy.max_attempts {
             return Err(error);
         }
+        // NOTE: a Retry-After header on a 503 is not read; the backoff alone sets the wait.
         let wait = jittered(backoff(attempt), random_u64());
         if Instant::now() + wait >= deadline {
             return Err(error);
