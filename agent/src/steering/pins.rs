@@ -16,9 +16,10 @@ use std::{
 use aya::maps::{MapInfo, MapType};
 use aya::programs::links::FdLink;
 use tokenmesh_ebpf::{
-    ConnKey, InboundKey, MAP_INBOUND_SOCKETS, MAP_INTERCEPT_PORTS, MAP_ORIGINAL_DST, MAP_PENDING,
-    MAP_PODS, MAP_PROTECTED, MAX_INBOUND_SOCKETS, MAX_INTERCEPT_PORTS, MAX_PODS,
-    MAX_PROTECTED_PORTS, MAX_TRACKED_CONNECTIONS, OriginalDst, PodSteering, PortPolicy,
+    ConnKey, InboundKey, MAP_INBOUND_SOCKETS, MAP_INTERCEPT_NETS, MAP_INTERCEPT_PORTS,
+    MAP_ORIGINAL_DST, MAP_PENDING, MAP_PODS, MAP_PROTECTED, MAX_INBOUND_SOCKETS,
+    MAX_INTERCEPT_NETS, MAX_INTERCEPT_PORTS, MAX_PODS, MAX_PROTECTED_PORTS,
+    MAX_TRACKED_CONNECTIONS, OriginalDst, PodSteering, PortPolicy,
 };
 
 use super::{SteeringError, mounts};
@@ -181,13 +182,21 @@ impl MapLayout {
     }
 }
 
-const MAP_LAYOUTS: [MapLayout; 6] = [
+const MAP_LAYOUTS: [MapLayout; 7] = [
     MapLayout {
         name: MAP_INTERCEPT_PORTS,
         map_type: MapType::Hash,
         key_size: size_of::<u16>(),
         value_size: size_of::<PortPolicy>(),
         max_entries: MAX_INTERCEPT_PORTS,
+    },
+    MapLayout {
+        name: MAP_INTERCEPT_NETS,
+        map_type: MapType::LpmTrie,
+        // An LPM key is a u32 prefix length followed by the u32 address.
+        key_size: size_of::<u32>() + size_of::<u32>(),
+        value_size: size_of::<PortPolicy>(),
+        max_entries: MAX_INTERCEPT_NETS,
     },
     MapLayout {
         name: MAP_PODS,

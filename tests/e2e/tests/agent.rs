@@ -236,3 +236,30 @@ fn excluded_network_not_steered() {
     let inbound = records_where(&records, "inbound", PROTECTED_PORT);
     assert_eq!(inbound.last().unwrap()["reason"], "missing_token");
 }
+
+#[test]
+fn detach_on_exit_removes_steering() {
+    let mut scenario = scenario("detach");
+    let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
+    scenario.stop_agent().unwrap();
+    scenario
+        .rewrite_config(|text| {
+            text.replace(
+                "  intercept_ports: [8080]\n",
+                "  intercept_ports: [8080]\n  on_exit: detach\n",
+            )
+        })
+        .unwrap();
+    scenario.start_agent().unwrap();
+    assert_eq!(scenario.curl("frontend", &url, &[]).unwrap().status, 200);
+
+    let status = scenario.stop_agent().unwrap();
+
+    assert!(status.success(), "{}", scenario.agent_log());
+    assert!(!scenario.bpffs_dir.exists(), "{} is still there", scenario.bpffs_dir.display());
+    // With everything detached the app is reached directly, with no token and no client
+    // id: this is why `keep` is the default.
+    let outcome = scenario.curl("frontend", &url, &[]).unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}");
+    assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), Vec::<String>::new());
+}
