@@ -189,7 +189,7 @@ impl CachePolicy {
 const CACHE_CAPACITY: u64 = 100_000;
 
 /// Cache key: SHA-256 of the endpoint, the validator client and the token, so the cache
-/// never holds a token.
+/// never contains a token.
 type CacheKey = [u8; 32];
 
 #[derive(Clone)]
@@ -214,7 +214,7 @@ impl moka::Expiry<CacheKey, CacheEntry> for EntryTtl {
 /// Counters of the introspection cache, read by tests and ready to export as metrics.
 #[derive(Debug, Default)]
 pub struct IntrospectionStats {
-    /// Results answered from the cache.
+    /// Results served from the cache.
     pub cache_hits: AtomicU64,
     /// Introspection requests sent.
     pub requests: AtomicU64,
@@ -442,8 +442,8 @@ mod tests {
         assert!(!key.windows(7).any(|w| w == b"token-1"));
     }
 
-    /// An introspection endpoint on 127.0.0.1 that answers every request with `body` and
-    /// `status`, and counts the requests.
+    /// An introspection endpoint on 127.0.0.1 that responds to every request with `body`
+    /// and `status`, and counts the requests.
     struct Endpoint {
         url: String,
         requests: Arc<AtomicU64>,
@@ -550,7 +550,7 @@ mod tests {
             .unwrap();
         assert_eq!(server.requests(), 2);
 
-        // After the TTL the provider is asked again and its new answer counts.
+        // After the TTL the provider is asked again and its new response is used.
         server.set_answer(200, r#"{"active":false}"#);
         tokio::time::sleep(Duration::from_millis(400)).await;
         let result = introspector

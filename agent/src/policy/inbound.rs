@@ -1,8 +1,8 @@
-//! The checks a request to a protected pod must pass: one token, in the configured header
-//! or (when allowed) the query, a source address inside the allowed networks, a valid
-//! token (RFC 7662 introspection or an RFC 9068 JWT), an allowed client id and the scopes
-//! required for the request's method. A failure becomes an RFC 6750 error response. CORS
-//! preflight requests may pass without a token.
+//! The checks a request to a protected pod must pass. It carries one token, in the
+//! configured header or (when allowed) the query. Its source address is inside the allowed
+//! networks. The token is valid (RFC 7662 introspection or an RFC 9068 JWT), its client id
+//! allowed, and its scopes cover those required for the request's method. A failure becomes
+//! an RFC 6750 error response. CORS preflight requests may pass without a token.
 
 use std::{borrow::Cow, net::IpAddr, time::SystemTime};
 
@@ -33,7 +33,8 @@ pub struct Accepted {
     pub client_id: Option<ClientId>,
     /// Audit reason: `token_valid`, or `cors_preflight`.
     pub reason: &'static str,
-    /// The token came in the query, so the URL must lose it before the app sees it.
+    /// The token came in the query, so it must be removed from the URL before the request
+    /// reaches the app.
     pub token_in_query: bool,
 }
 
@@ -165,7 +166,7 @@ pub struct RequestView<'r> {
     pub peer: IpAddr,
 }
 
-/// What a valid token proves: its client and its scopes.
+/// The client and scopes a valid token proves.
 struct Grant {
     client_id: String,
     scope: Option<String>,
@@ -236,7 +237,7 @@ pub async fn check(
     })
 }
 
-/// A CORS preflight request (Fetch standard): `OPTIONS` with `Origin` and
+/// Checks for a CORS preflight request (Fetch standard): `OPTIONS` with `Origin` and
 /// `Access-Control-Request-Method`. Browsers send it without credentials.
 fn is_cors_preflight(request: &RequestView<'_>) -> bool {
     *request.method == Method::OPTIONS
@@ -399,7 +400,7 @@ async fn verify_jwt(
     }
 }
 
-/// The answer for a rejected JWT access token. Missing keys are the issuer's problem, not
+/// Builds the response for a rejected JWT access token. Missing keys are the issuer's problem, not
 /// the caller's, so they get 503 without a challenge.
 fn jwt_denial(error: &JwtError) -> Denial {
     let description = match error {

@@ -131,7 +131,7 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The audit status and reason for a request head hyper rejected before any handler ran.
-/// hyper itself answers 431 for a head over [`MAX_HEADER_BYTES`] and 400 for one that does
+/// hyper itself responds with 431 for a head over [`MAX_HEADER_BYTES`] and 400 for one that does
 /// not parse. A head timeout is audited only when no request came before it, because on a
 /// keep-alive connection it is the normal end of an idle connection.
 fn rejected_head(error: &hyper::Error, requests: u64) -> Option<(Option<u16>, &'static str)> {

@@ -1,8 +1,8 @@
-//! The token validator end to end, as root on the real kernel: the real agent binary in
-//! front of the echo app, the real identity provider (npm `oidc-provider`) issuing opaque
-//! or JWT access tokens (ES256, RS256), and requests sent from the frontend pod's network
-//! namespace over plain TCP sockets, so a test controls the token, the headers and the
-//! keep-alive connection. The sockets are made outside the pods' cgroups, so the
+//! The token validator end to end, as root on the real kernel. The real agent binary runs
+//! in front of the echo app, and the real identity provider (npm `oidc-provider`) issues
+//! opaque or JWT access tokens (ES256, RS256). Requests are sent from the frontend pod's
+//! network namespace over plain TCP sockets, so a test controls the token, the headers
+//! and the keep-alive connection. The sockets are made outside the pods' cgroups, so the
 //! frontend's token creator leaves them alone, while sk_lookup still steers them into the
 //! agent's inbound listener of the echo pod.
 
@@ -115,7 +115,7 @@ fn revoke(idp: &Idp, token: &str) {
     });
 }
 
-/// The JOSE header of a JWT, decoded.
+/// Decodes the JOSE header of a JWT.
 fn jose_header(token: &str) -> serde_json::Value {
     use base64::Engine;
     let header = token.split('.').next().unwrap();
@@ -262,7 +262,7 @@ fn inbound_records(scenario: &Scenario) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The last inbound audit record, after waiting for the agent to write it.
+/// Waits for a new inbound audit record and returns the last one.
 fn last_inbound(scenario: &Scenario, count_before: usize) -> serde_json::Value {
     wait_until(Duration::from_secs(5), "the audit record", || {
         inbound_records(scenario).len() > count_before
@@ -467,7 +467,7 @@ fn opaque_revocation_rejected_when_cache_entry_ends() {
     let introspections = scenario.idp_stats().unwrap().introspection_requests;
     assert_eq!(introspections, 1);
 
-    // The second request is answered from the cache.
+    // The second request is served from the cache.
     assert_eq!(send(&scenario, "/api", &bearer(&token)).status, 200);
     assert_eq!(scenario.idp_stats().unwrap().introspection_requests, 1);
 
@@ -562,7 +562,7 @@ fn malformed_requests_get_defined_answers() {
         assert_eq!(record["status"], status, "{case}: {record}");
     }
 
-    // A request head over the agent's 64 KiB limit: hyper answers 431, the agent audits it.
+    // A request head over the agent's 64 KiB limit: hyper returns 431, the agent audits it.
     let before = inbound_records(&scenario).len();
     let huge = format!("X-Padding: {}", "a".repeat(70 * 1024));
     let reply = send(&scenario, "/api", &[bearer(&token).remove(0), huge]);

@@ -16,7 +16,7 @@ struct ServerState {
     addr: SocketAddr,
     jwks: Mutex<String>,
     jwks_requests: AtomicU64,
-    /// When false, the metadata documents answer 404, so only RFC 8414 paths work.
+    /// When false, the metadata documents return 404, so only RFC 8414 paths work.
     openid_discovery: AtomicBool,
 }
 
@@ -147,7 +147,7 @@ fn kids(keys: &[Arc<VerificationKey>]) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn keys_fetched_once_and_selected_by_kid_and_alg() {
+async fn keys_selected_by_kid_and_alg() {
     let es = TestSigner::es256("es-1");
     let ed = TestSigner::eddsa("ed-1");
     let server = JwksServer::start(jwks(&[&es, &ed])).await;
@@ -160,7 +160,7 @@ async fn keys_fetched_once_and_selected_by_kid_and_alg() {
     assert_eq!(kids(&found), ["es-1"]);
     let found = set.keys_for(None, Algorithm::EdDSA).await.unwrap();
     assert_eq!(kids(&found), ["ed-1"]);
-    // The EC key never verifies an RSA or EdDSA signature, whatever the kid says.
+    // The EC key never verifies an RSA or EdDSA signature, whatever the kid is.
     let wrong = set.keys_for(Some("es-1"), Algorithm::RS256).await;
     assert!(matches!(wrong, Err(KeyLookupError::UnknownKey { .. })));
 

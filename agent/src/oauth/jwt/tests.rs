@@ -28,7 +28,7 @@ enum TestKey {
     EdDsa(ed25519_dalek::SigningKey),
 }
 
-/// One RSA key for the whole test binary, because generating one takes a while.
+/// Returns one RSA key for the whole test binary, because generating one takes a while.
 fn rsa_key() -> RsaPrivateKey {
     static KEY: OnceLock<RsaPrivateKey> = OnceLock::new();
     KEY.get_or_init(|| RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("RSA key"))
@@ -79,7 +79,7 @@ impl TestSigner {
         }
     }
 
-    /// The public key as a JWK with `kid`, `use` and `alg`.
+    /// Returns the public key as a JWK with `kid`, `use` and `alg`.
     pub fn jwk(&self) -> Value {
         let mut jwk = match &self.key {
             TestKey::Es256(key) => {
@@ -100,7 +100,7 @@ impl TestSigner {
         jwk
     }
 
-    /// The public JWK as text, which anyone can read and misuse as an HMAC secret.
+    /// Returns the public JWK as text, which anyone can read and misuse as an HMAC secret.
     pub fn public_key_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(&self.jwk()).unwrap()
     }
@@ -121,7 +121,7 @@ impl TestSigner {
         }
     }
 
-    /// A compact JWS with header `{alg, kid, typ: at+jwt}` and `claims`.
+    /// Signs `claims` as a compact JWS with header `{alg, kid, typ: at+jwt}`.
     pub fn token(&self, claims: &Value) -> String {
         self.token_with_header(
             &json!({"alg": self.alg(), "kid": self.kid, "typ": "at+jwt"}),
@@ -144,7 +144,7 @@ pub(crate) fn signing_input(header: &Value, claims: &Value) -> String {
     )
 }
 
-/// A JWKS document with the public keys of `signers`.
+/// Returns a JWKS document with the public keys of `signers`.
 pub(crate) fn jwks(signers: &[&TestSigner]) -> String {
     json!({"keys": signers.iter().map(|s| s.jwk()).collect::<Vec<_>>()}).to_string()
 }
