@@ -180,10 +180,11 @@ pub async fn check(
 ) -> Result<Accepted, Denial> {
     if settings.allow_cors_preflight && is_cors_preflight(&request) {
         check_source(settings, request.peer)?;
+        // A token the preflight carries anyway is removed like any other.
         return Ok(Accepted {
             client_id: None,
             reason: "cors_preflight",
-            token_in_query: false,
+            token_in_query: !query_tokens(request.uri).is_empty(),
         });
     }
 

@@ -503,6 +503,12 @@ async fn cors_preflight_exempt_only_when_configured() {
         .unwrap();
     assert_eq!(accepted.reason, "cors_preflight");
     assert_eq!(accepted.client_id, None);
+    assert!(!accepted.token_in_query);
+    let with_query_token = fixture
+        .check_request(Method::OPTIONS, "/api?access_token=abc", &preflight)
+        .await
+        .unwrap();
+    assert!(with_query_token.token_in_query, "the URL loses the token");
 
     // OPTIONS without the preflight headers is an ordinary request.
     let plain = header_map(&[("origin", "https://app.test")]);
