@@ -618,3 +618,27 @@ async fn invalidate_forces_new_request() {
     assert_eq!(tokens.token(&creds).await.unwrap().secret(), "tok-1");
     assert_eq!(server.requests(), 2);
 }
+
+#[tokio::test]
+async fn failed_refresh_keeps_current_token() {
+    let server = TokenServer::start(|n| match n {
+        0 => Reply::token("tok-0", 3),
+        _ => Reply::status(503, "down"),
+    })
+    .await;
+    let mut creds = server.creds();
+    creds.min_request_interval = Duration::from_millis(100);
+    creds.retry.max_attempts = 1;
+    let tokens = source(Duration::from_secs(2));
+
+    let first = tokens.token(&creds).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // In the refresh window: the refresh starts in the background and fails.
+    assert_eq!(tokens.token(&creds).await.unwrap().secret(), "tok-0");
+    assert!(eventually(|| server.requests() == 2).await);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let after_failure = tokens.token(&creds).await.unwrap();
+    assert_eq!(after_failure.secret(), "tok-0");
+    assert!(Instant::now() < first.expires_at());
+}
