@@ -19,8 +19,8 @@ pub struct KubePods {
 impl KubePods {
     /// Starts watching the API server when the config asks for it. The watch stops when
     /// `shutdown` is cancelled.
-    // NOTE: the section is read once; a reload that changes `workloads.kubernetes` takes
-    // effect only after a restart.
+    // The section is read once: a reload that changes it logs a warning, and the change
+    // takes effect after a restart.
     pub async fn start(
         config: &Config,
         cgroup_mount: &Path,
@@ -41,6 +41,11 @@ impl KubePods {
         Ok(KubePods {
             receiver: Some(receiver),
         })
+    }
+
+    /// True when the config has a `workloads.kubernetes` section.
+    pub fn enabled(&self) -> bool {
+        self.receiver.is_some()
     }
 
     /// True without Kubernetes, and once the first complete listing has arrived.

@@ -124,8 +124,9 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
             changes.failed
         );
     }
-    // With Kubernetes, the agent is ready once the first listing of the node's pods is applied.
-    readiness.set(kube_pods.listed());
+    // With Kubernetes, the agent becomes ready in `serve_until_signal`, once the first
+    // listing of the node's pods is applied.
+    readiness.set(!kube_pods.enabled());
     tracing::info!(pods = pod_set.len(), "agent ready");
 
     let mut reloader = Reloader::new(config, cgroup_mount, env);

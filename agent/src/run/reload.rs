@@ -83,6 +83,7 @@ impl Reloader {
             ("proxy", old.proxy != new.proxy),
             ("audit", old.audit != new.audit),
             ("admin", old.admin != new.admin),
+            ("workloads.kubernetes", old.kubernetes != new.kubernetes),
         ] {
             if changed {
                 tracing::warn!(

@@ -1,6 +1,7 @@
 //! The Kubernetes manifests in `deploy/`: rendered with `kubectl kustomize`, validated
 //! against the Kubernetes schemas with `kubernetes-validate`, scanned with Checkov, and
 //! checked setting by setting against the security rules that docs/kubernetes.md states.
+//! The ConfigMap's policy must pass the agent's own `check-config`.
 //! `cargo xtask setup` installs the three tools. Needs root for the network namespace that
 //! keeps Checkov offline.
 
@@ -13,6 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use serde_yaml::Value;
+use tokenmesh_e2e::scenario::Binaries;
 
 /// Kubernetes version whose schemas the manifests must satisfy.
 const SCHEMA_VERSION: &str = "1.33.0";
@@ -348,6 +350,61 @@ fn overlay_mounts_credentials_secret() -> Result<()> {
         .any(|d| d["kind"].as_str() == Some("Secret"))
     {
         bail!("the overlay renders a Secret object");
+    }
+    Ok(())
+}
+
+#[test]
+fn configmap_policy_passes_check_config() -> Result<()> {
+    let binaries = Binaries::locate(PathBuf::from(env!("CARGO_BIN_EXE_echo")))?;
+    let dir = tempfile::tempdir()?;
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets)?;
+    for kustomization in ["base", "overlays/example"] {
+        let documents = documents(&render(kustomization)?)?;
+        let config_map = find(&documents, "ConfigMap")?;
+        let text = config_map["data"]["agent.yaml"]
+            .as_str()
+            .context("the ConfigMap has no agent.yaml")?;
+
+        // The Secret's keys appear as files in the pod; here each gets a file in a folder of
+        // the test, holding a placeholder value.
+        const MOUNT: &str = "file:/etc/tokenmesh/secrets/";
+        let keys: Vec<&str> = text
+            .split(MOUNT)
+            .skip(1)
+            .filter_map(|rest| rest.split_whitespace().next())
+            .collect();
+        for key in &keys {
+            std::fs::write(secrets.join(key), "placeholder-secret\n")?;
+        }
+        let local = text.replace(MOUNT, &format!("file:{}/", secrets.display()));
+        let path = dir
+            .path()
+            .join(format!("{}.yaml", kustomization.replace('/', "-")));
+        std::fs::write(&path, local)?;
+
+        let output = Command::new(&binaries.agent)
+            .arg("check-config")
+            .arg(&path)
+            .env("NODE_NAME", "node-1")
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{kustomization}: check-config failed:\n{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains("pods from Kubernetes node node-1"),
+            "{stdout}"
+        );
+        if kustomization == "overlays/example" {
+            assert_eq!(
+                keys,
+                ["frontend-client-secret", "echo-introspection-secret"]
+            );
+        }
     }
     Ok(())
 }
