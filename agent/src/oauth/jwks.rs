@@ -366,6 +366,16 @@ impl KeySets {
             .or_insert_with(|| Arc::new(KeySet::new(config.clone(), self.http.clone())))
             .clone()
     }
+
+    /// Returns every key set created so far, for a metrics exporter to read their
+    /// [`KeySetStats`].
+    pub fn all(&self) -> Vec<Arc<KeySet>> {
+        let sets = self
+            .sets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        sets.values().cloned().collect()
+    }
 }
 
 /// Fetches the set from `source` and returns the JWKS URL it came from with its keys.

@@ -172,6 +172,27 @@ async fn keys_selected_by_kid_and_alg() {
     assert_eq!(KeySetStats::get(&set.stats.fetches), 1);
 }
 
+#[test]
+fn registry_shares_one_set_per_config() {
+    let sets = KeySets::new(reqwest::Client::new());
+    let first = config(
+        KeySource::JwksUrl("http://127.0.0.1:9/a".into()),
+        Duration::from_secs(10),
+    );
+    let second = config(
+        KeySource::JwksUrl("http://127.0.0.1:9/b".into()),
+        Duration::from_secs(10),
+    );
+    assert!(Arc::ptr_eq(&sets.get(&first), &sets.get(&first)));
+    assert!(!Arc::ptr_eq(&sets.get(&first), &sets.get(&second)));
+    assert_eq!(sets.all().len(), 2);
+    // Creating a set sends nothing.
+    for set in sets.all() {
+        assert_eq!(KeySetStats::get(&set.stats.fetches), 0);
+        assert_eq!(KeySetStats::get(&set.stats.fetch_failures), 0);
+    }
+}
+
 #[tokio::test]
 async fn discovery_finds_jwks_uri() {
     let es = TestSigner::es256("es-1");
