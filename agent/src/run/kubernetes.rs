@@ -17,7 +17,7 @@ pub struct KubePods {
 }
 
 impl KubePods {
-    /// Starts watching the API server when the config asks for it. The watch stops when
+    /// Starts watching the API server when the config has a `workloads.kubernetes` section. The watch stops when
     /// `shutdown` is cancelled.
     // The section is read once: a reload that changes it logs a warning, and the change
     // takes effect after a restart.
@@ -65,8 +65,8 @@ impl KubePods {
         std::future::pending().await
     }
 
-    /// The pods of the workloads file followed by the Kubernetes pods. A Kubernetes pod
-    /// with the identity of a file pod is left out: the file entry wins.
+    /// Returns the pods of the workloads file followed by the Kubernetes pods. A Kubernetes
+    /// pod with the identity of a file pod is left out, because the file entry wins.
     pub fn merge(&self, file_pods: &[Pod]) -> Vec<Pod> {
         let mut pods = file_pods.to_vec();
         let Some(receiver) = &self.receiver else {

@@ -62,7 +62,7 @@ impl QosClass {
     }
 }
 
-/// Why a pod's cgroup or network namespace was not found.
+/// Errors of the cgroup and network namespace lookup.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error(
@@ -88,7 +88,7 @@ pub enum ResolveError {
     HostNetwork { cgroup: PathBuf },
 }
 
-/// The cgroup folder of one pod, relative to the folder that contains `kubepods`.
+/// Returns the cgroup folder of one pod, relative to the folder that contains `kubepods`.
 pub fn pod_cgroup_path(driver: CgroupDriver, qos: QosClass, uid: &str) -> PathBuf {
     match (driver, qos.folder()) {
         (CgroupDriver::Cgroupfs, None) => PathBuf::from(format!("kubepods/pod{uid}")),
@@ -110,7 +110,7 @@ pub fn pod_cgroup_path(driver: CgroupDriver, qos: QosClass, uid: &str) -> PathBu
     }
 }
 
-/// Finds the pod's cgroup below `root` (the folder that holds `kubepods` or
+/// Finds the pod's cgroup below `root` (the folder that contains `kubepods` or
 /// `kubepods.slice`), trying the given driver or, with `None`, both.
 pub fn find_pod_cgroup(
     root: &Path,

@@ -35,7 +35,7 @@ use super::{
     cgroups::{self, ResolveError},
 };
 
-/// Why the Kubernetes source could not start.
+/// Errors that stop the Kubernetes source from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
     #[error(
@@ -50,7 +50,7 @@ pub async fn default_client() -> Result<Client, KubeSourceError> {
 }
 
 /// Watches the API server and keeps `sender` filled with the sorted set of enrolled pods,
-/// until `shutdown` is cancelled. `cgroup_mount` is the cgroup v2 mount. The channel holds
+/// until `shutdown` is cancelled. `cgroup_mount` is the cgroup v2 mount. The channel contains
 /// `None` until the first complete listing.
 pub async fn run(
     client: Client,
@@ -116,7 +116,7 @@ pub async fn run(
 
 fn log_watch_error(resource: &str, error: &watcher::Error) {
     // The watcher lists again after HTTP 410 Gone and retries other failures with backoff.
-    tracing::warn!(resource, error = %error, "Kubernetes watch failed; listing again after a backoff");
+    tracing::warn!(resource, error = %error, "Kubernetes watch failed; retrying after a backoff");
 }
 
 /// Objects of one watch, with the listing in progress kept apart until it completes.
@@ -195,7 +195,7 @@ impl State {
         }
     }
 
-    /// The enrolled, resolved pods, or `None` until both initial listings completed.
+    /// Returns the enrolled, resolved pods, or `None` until both initial listings completed.
     fn desired(&mut self) -> Option<Vec<Pod>> {
         if !self.pods.listed || !self.namespaces.listed {
             return None;

@@ -1,6 +1,8 @@
-//! A stand-in for the Kubernetes API server: no API server runs on the test machines, so
-//! this HTTP server on 127.0.0.1 answers list and watch requests with responses recorded
-//! in `fixtures/kube/` (or given by the test), and records every request target.
+//! A stand-in for the Kubernetes API server, because no API server runs on the test
+//! machines. This HTTP server on 127.0.0.1 replies to list and watch requests with the
+//! responses in `fixtures/kube/` (or given by the test) and records every request target.
+//! The fixtures are written in the API server's wire format (`core/v1`, Kubernetes 1.33);
+//! they were not captured from a live cluster.
 
 use std::{
     collections::HashMap,
@@ -17,12 +19,12 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// The folder of the recorded responses.
+/// Returns the folder of the stored responses.
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube")
 }
 
-/// Reads a recorded response.
+/// Reads a stored response.
 pub fn fixture(name: &str) -> Result<String> {
     let path = fixtures_dir().join(name);
     std::fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))
@@ -33,14 +35,14 @@ pub fn fixture(name: &str) -> Result<String> {
 pub enum Reply {
     /// A whole JSON document, such as a PodList.
     Document(String),
-    /// Watch events, one JSON object a line, sent once `gate` (if any) is notified; then
+    /// Watch events, one JSON object a line, sent once `gate` (if any) is notified. Then
     /// the stream ends, as a watch does when the API server closes it.
     Events(String, Option<Arc<Notify>>),
     /// A watch that stays open with no events until the server stops.
     Idle,
 }
 
-/// Which requests a reply answers: the path, list or watch, and for a watch the
+/// The requests that get `replies`: the path, list or watch, and for a watch the
 /// `resourceVersion` it starts from (`None` matches any).
 #[derive(Clone)]
 pub struct Route {
@@ -98,7 +100,7 @@ impl ReplayServer {
         })
     }
 
-    /// Every request target received so far, in order.
+    /// Returns every request target received so far, in order.
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
@@ -118,7 +120,7 @@ impl ReplayServer {
         Ok(())
     }
 
-    /// A kubeconfig that points a client at this server, for the agent binary.
+    /// Returns a kubeconfig that points a client at this server, for the agent binary.
     pub fn kubeconfig(&self) -> String {
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: replay\n  cluster:\n    server: {}\n\
@@ -155,7 +157,7 @@ fn reply_for(target: &str, routes: &Mutex<Routes>) -> Option<Reply> {
     replies.get(count).or(replies.last()).cloned()
 }
 
-/// Reads one HTTP/1.1 request head and answers it. Every response closes the connection,
+/// Reads one HTTP/1.1 request head and sends the reply. Every response closes the connection,
 /// so bodies end at EOF and no request body handling is needed (the client only GETs).
 async fn serve(
     mut stream: TcpStream,
@@ -204,7 +206,7 @@ async fn serve(
         }
         None => {
             let body = format!(
-                r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"no recorded response for {target}","reason":"NotFound","code":404}}"#
+                r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"no stored response for {target}","reason":"NotFound","code":404}}"#
             );
             let response = format!(
                 "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -1,9 +1,9 @@
-//! The agent binary with Kubernetes discovery: it reads the node's pods from a replayed
-//! API server (no API server runs here; `kube_replay` serves the list on 127.0.0.1 and the
-//! agent finds it through KUBECONFIG), finds the pod's kubelet-style cgroup and its
-//! network namespace from a real process, and protects the pod. A probe from the node's
-//! address to the pod's probe port passes without a token; the same request from another
-//! pod is rejected. Needs root.
+//! The agent binary with Kubernetes discovery. No API server runs here, so `kube_replay`
+//! serves the node's pod list on 127.0.0.1 and the agent finds it through KUBECONFIG.
+//! The agent finds the pod's kubelet-style cgroup and its network namespace from a real
+//! process, and protects the pod. A probe from the node's address to the pod's probe
+//! port passes without a token, and the same request from another pod is rejected.
+//! Needs root.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -236,7 +236,10 @@ plugins:
         .collect();
     assert_eq!(denied.len(), 1, "{records:#?}");
     assert_eq!(denied[0]["status"], 401);
-    assert_eq!(denied[0]["source_ip"], topology.pod("client").ip.to_string());
+    assert_eq!(
+        denied[0]["source_ip"],
+        topology.pod("client").ip.to_string()
+    );
 
     let exit = agent.terminate(Duration::from_secs(10))?;
     assert!(

@@ -1,9 +1,9 @@
 //! The Kubernetes workload source against API responses replayed from
 //! `fixtures/kube/`. No API server runs on this machine, so a small HTTP server on
-//! 127.0.0.1 (`kube_replay`) stands in for it: it serves the pod and namespace lists, then the watch
-//! streams (add, modify, delete, bookmark, and an HTTP 410 "too old resource version"
-//! error that forces a new list). The pods' cgroups and network namespaces are real:
-//! kubelet-style cgroups below a test-owned cgroup, each with a process in its own
+//! 127.0.0.1 (`kube_replay`) takes its place. It serves the pod and namespace lists, then
+//! the watch streams: add, modify, delete, bookmark, and an HTTP 410 "too old resource
+//! version" error that forces a new list. The pods' cgroups and network namespaces are
+//! real: kubelet-style cgroups below a test-owned cgroup, each with a process in its own
 //! network namespace. Needs root.
 
 use std::{
@@ -34,9 +34,9 @@ fn uid(n: u32) -> String {
     format!("7c3f5d2a-1b4e-4f6a-9d8c-{n:012x}")
 }
 
-/// The recorded conversation: a pod list, a watch with an added, a modified and a deleted
-/// pod and a bookmark (held until `gate` is notified), a watch from the bookmark that
-/// gets 410 Gone, a second pod list, and idle watches after it.
+/// The replayed conversation. A pod list comes first, then a watch with an added, a
+/// modified and a deleted pod and a bookmark, held until `gate` is notified. The watch
+/// from the bookmark gets 410 Gone, and a second pod list and idle watches follow.
 fn routes(gate: Arc<Notify>) -> Result<Vec<Route>> {
     Ok(vec![
         Route {
@@ -118,6 +118,39 @@ async fn wait_for_names(
     }
 }
 
+/// Starts the Kubernetes source against `server`, with pod cgroups below `kubepods`.
+fn start_source(
+    server: &ReplayServer,
+    kubepods: &KubepodsRoot,
+    probe_exemption: bool,
+    probe_extra_sources: Vec<ipnet::IpNet>,
+) -> Result<(
+    tokio::task::JoinHandle<()>,
+    CancellationToken,
+    watch::Receiver<Option<Vec<Pod>>>,
+)> {
+    let client = kube::Client::try_from(kube::Config::new(server.url.parse()?))?;
+    let settings = KubernetesSettings {
+        node_name: NODE.to_string(),
+        cgroup_driver: None,
+        kubepods_root: kubepods.relative()?,
+        proc_path: PathBuf::from("/proc"),
+        resolve_retry: Duration::from_millis(200),
+        probe_exemption,
+        probe_extra_sources,
+    };
+    let (sender, receiver) = watch::channel(None);
+    let shutdown = CancellationToken::new();
+    let source = tokio::spawn(kube_source::run(
+        client,
+        settings,
+        cgroup2_mount()?,
+        sender,
+        shutdown.clone(),
+    ));
+    Ok((source, shutdown, receiver))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_watch_resync_replayed() -> Result<()> {
     require_root()?;
@@ -135,25 +168,8 @@ async fn list_watch_resync_replayed() -> Result<()> {
 
     let gate = Arc::new(Notify::new());
     let server = ReplayServer::start(routes(gate.clone())?).await?;
-    let client = kube::Client::try_from(kube::Config::new(server.url.parse()?))?;
-    let settings = KubernetesSettings {
-        node_name: NODE.to_string(),
-        cgroup_driver: None,
-        kubepods_root: kubepods.relative()?,
-        proc_path: PathBuf::from("/proc"),
-        resolve_retry: Duration::from_millis(200),
-        probe_exemption: true,
-        probe_extra_sources: vec!["10.244.1.1/32".parse()?],
-    };
-    let (sender, mut receiver) = watch::channel(None);
-    let shutdown = CancellationToken::new();
-    let source = tokio::spawn(kube_source::run(
-        client,
-        settings,
-        cgroup2_mount()?,
-        sender,
-        shutdown.clone(),
-    ));
+    let extra = vec!["10.244.1.1/32".parse()?];
+    let (source, shutdown, mut receiver) = start_source(&server, &kubepods, true, extra)?;
 
     // The first list: cart-0 is enrolled by its annotation, ledger-0 by its namespace's
     // label. exporter-0 uses the host network, frontend-0 is not enrolled and worker-0 is
@@ -281,25 +297,7 @@ async fn pod_steered_once_cgroup_appears() -> Result<()> {
     )?;
 
     let server = ReplayServer::start(routes(Arc::new(Notify::new()))?).await?;
-    let client = kube::Client::try_from(kube::Config::new(server.url.parse()?))?;
-    let settings = KubernetesSettings {
-        node_name: NODE.to_string(),
-        cgroup_driver: None,
-        kubepods_root: kubepods.relative()?,
-        proc_path: PathBuf::from("/proc"),
-        resolve_retry: Duration::from_millis(200),
-        probe_exemption: false,
-        probe_extra_sources: Vec::new(),
-    };
-    let (sender, mut receiver) = watch::channel(None);
-    let shutdown = CancellationToken::new();
-    let source = tokio::spawn(kube_source::run(
-        client,
-        settings,
-        cgroup2_mount()?,
-        sender,
-        shutdown.clone(),
-    ));
+    let (source, shutdown, mut receiver) = start_source(&server, &kubepods, false, Vec::new())?;
 
     let first = wait_for_names(&mut receiver, &["payments/ledger-0"]).await?;
     assert!(first[0].probe_exemption.ports.is_empty());

@@ -38,7 +38,7 @@ pub struct Candidate {
     pub probe_exemption: ProbeExemption,
 }
 
-/// Why a pod of this node is left alone.
+/// The reason a pod of this node is left alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skip {
     HostNetwork,
@@ -63,7 +63,7 @@ impl fmt::Display for Skip {
     }
 }
 
-/// Decides whether `pod` is steered. `namespace_enrolled` tells whether its namespace
+/// Decides whether `pod` is steered. `namespace_enrolled` is true when its namespace
 /// carries the enrolment label; `probe_sources` are the extra probe sources configured.
 pub fn candidate(
     pod: &KubePod,
