@@ -41,6 +41,14 @@ pub fn explain(config: &Config, pods: &[Pod], from: &str, url: &str) -> anyhow::
     let mut out = String::new();
 
     writeln!(out, "request: {} -> {url}", source.identity)?;
+    if url.scheme() != "http" {
+        writeln!(
+            out,
+            "\n{} is not plain HTTP: the agent does not terminate TLS, so on an intercepted port the connection passes through as TCP without a token and is audited as a flow; at a protected port the validator's non_http setting decides (deny closes it)",
+            url.scheme()
+        )?;
+        return Ok(out);
+    }
     writeln!(out, "\noutbound (leaving {}):", source.identity)?;
     if !config.steering.intercept_ports.contains(&port) {
         writeln!(
@@ -100,7 +108,13 @@ fn find_pod<'p>(pods: &'p [Pod], name: &str) -> anyhow::Result<&'p Pod> {
         .collect();
     match found.as_slice() {
         [pod] => Ok(pod),
-        [] => bail!("no pod {name:?} in the workloads file; give its name or namespace/name"),
+        [] => {
+            let known: Vec<String> = pods.iter().map(|pod| pod.identity.to_string()).collect();
+            bail!(
+                "no pod {name:?} in the workloads file; give its name or namespace/name, one of: {}",
+                known.join(", ")
+            )
+        }
         _ => bail!("{name:?} names several pods; give namespace/name"),
     }
 }
@@ -214,6 +228,14 @@ urls:
         assert!(text.contains("no enabled token-creator selects this pod"), "{text}");
         let text = explain(&config, &pods, "other", "http://10.0.0.3:8080/api").unwrap();
         assert!(text.contains("REJECTED with 403 source_ip_not_allowed"), "{text}");
+    }
+
+    #[test]
+    fn https_is_not_http() {
+        let (config, pods) = setup();
+        let text = explain(&config, &pods, "frontend", "https://10.0.0.3:8080/api").unwrap();
+        assert!(text.contains("https is not plain HTTP"), "{text}");
+        assert!(!text.contains("token creator"), "{text}");
     }
 
     #[test]

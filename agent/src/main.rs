@@ -28,8 +28,13 @@ enum Command {
     },
     /// Validate a configuration file and its workloads file, print every problem, and exit.
     CheckConfig {
-        /// The YAML configuration file to check.
-        file: PathBuf,
+        /// The YAML configuration file to check. Secrets it references are resolved, so
+        /// run it where the agent's secrets and environment are available.
+        #[arg(required_unless_present = "config")]
+        file: Option<PathBuf>,
+        /// The same file, given as for the other commands.
+        #[arg(long, short, conflicts_with = "file")]
+        config: Option<PathBuf>,
     },
     /// Print which rule and plugins would apply to a request from a pod to a URL.
     Explain {
@@ -45,9 +50,13 @@ enum Command {
     },
     /// Detach the eBPF programs and remove the pins an agent left in place on exit.
     Uninstall {
-        /// The configuration whose `steering.bpffs_dir` is cleaned.
-        #[arg(long, short)]
-        config: PathBuf,
+        /// A configuration file; only its `steering.bpffs_dir` is read, so secrets and
+        /// environment variables it references need not exist here.
+        #[arg(long, short, required_unless_present = "bpffs_dir", conflicts_with = "bpffs_dir")]
+        config: Option<PathBuf>,
+        /// The pin folder to clean, instead of reading it from a configuration file.
+        #[arg(long)]
+        bpffs_dir: Option<PathBuf>,
     },
 }
 
@@ -68,7 +77,10 @@ fn main() -> ExitCode {
                 let env: run::Env = Arc::new(|name: &str| std::env::var(name).ok());
                 tokio::runtime::Runtime::new()?.block_on(run::run(config, env))
             }),
-        Command::CheckConfig { file } => check_config(&file, &env),
+        Command::CheckConfig { file, config } => {
+            let file = file.or(config).expect("clap requires one of them");
+            check_config(&file, &env)
+        }
         Command::Explain { config, from, to } => Config::load(&config, &env)
             .map_err(anyhow::Error::from)
             .and_then(|config| {
@@ -76,16 +88,7 @@ fn main() -> ExitCode {
                 print!("{}", explain::explain(&config, &pods, &from, &to)?);
                 Ok(())
             }),
-        Command::Uninstall { config } => Config::load(&config, &env)
-            .map_err(anyhow::Error::from)
-            .and_then(|config| {
-                steering::uninstall(&config.steering.bpffs_dir)?;
-                println!(
-                    "removed tokenmesh programs and pins under {}",
-                    config.steering.bpffs_dir.display()
-                );
-                Ok(())
-            }),
+        Command::Uninstall { config, bpffs_dir } => uninstall(config, bpffs_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,4 +122,27 @@ fn check_config(
 /// The cgroup v2 mount, for commands that only read files and may run off the node.
 fn cgroup_mount_or_default() -> PathBuf {
     steering::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"))
+}
+
+/// Detaches the programs and removes the pins under the pin folder named by `bpffs_dir` or
+/// by the config file's `steering.bpffs_dir`.
+fn uninstall(config: Option<PathBuf>, bpffs_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let bpffs_dir = match (bpffs_dir, config) {
+        (Some(dir), _) => dir,
+        (None, Some(config)) => Config::read_bpffs_dir(&config)?,
+        (None, None) => anyhow::bail!("give --config FILE or --bpffs-dir DIR"),
+    };
+    if !bpffs_dir.exists() {
+        println!(
+            "nothing to remove: {} does not exist; check steering.bpffs_dir",
+            bpffs_dir.display()
+        );
+        return Ok(());
+    }
+    steering::uninstall(&bpffs_dir)?;
+    println!(
+        "detached tokenmesh programs and removed the pins under {}",
+        bpffs_dir.display()
+    );
+    Ok(())
 }

@@ -275,6 +275,30 @@ impl Config {
         Config::parse(&text, path, env)
     }
 
+    /// Reads only `steering.bpffs_dir` from `path` (the default when it is absent), for
+    /// commands such as `uninstall` that must work where the agent's secrets do not exist.
+    pub fn read_bpffs_dir(path: &Path) -> Result<PathBuf, ConfigError> {
+        let error = |message: String| ConfigError {
+            file: path.to_path_buf(),
+            problems: vec![Problem {
+                key: "steering.bpffs_dir".into(),
+                message,
+                location: None,
+            }],
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| error(format!("cannot read the file: {e}")))?;
+        let document: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| error(e.to_string()))?;
+        match &document["steering"]["bpffs_dir"] {
+            serde_yaml::Value::Null => Ok(default_bpffs_dir()),
+            serde_yaml::Value::String(dir) if Path::new(dir).is_absolute() => Ok(dir.into()),
+            other => Err(error(format!(
+                "{other:?} is not an absolute path; use a folder under /sys/fs/bpf"
+            ))),
+        }
+    }
+
     /// Validates `text` as if it were the content of `path`.
     pub fn parse(
         text: &str,
@@ -290,9 +314,18 @@ impl Config {
                 line: at.line(),
                 column: at.column(),
             });
+            // The location is printed in front of the message, so drop serde's copy.
+            let message = e.to_string();
+            let message = match location {
+                Some(at) => message
+                    .strip_suffix(&format!(" at line {} column {}", at.line, at.column))
+                    .map(str::to_string)
+                    .unwrap_or(message),
+                None => message,
+            };
             error(vec![Problem {
                 key: String::new(),
-                message: e.to_string(),
+                message,
                 location,
             }])
         })?;

@@ -95,7 +95,8 @@ fn unknown_key_names_line() {
         found[0].message.contains("unknown field `colour`"),
         "{found:?}"
     );
-    assert!(found[0].message.contains("line 7"), "{found:?}");
+    assert_eq!(found[0].location.map(|at| at.line), Some(7), "{found:?}");
+    assert!(!found[0].message.contains(" at line "), "location printed twice: {found:?}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! URL patterns of the `urls:` rules, such as `*/api/echo*` or `echo.shop:8080/admin/*`.
 //!
 //! A pattern is `[http://|https://]HOST[:PORT][/PATH]`. `*` matches any run of characters,
-//! including none, in each part. A missing port matches every port and a missing path
+//! including none, in each part. The scheme is accepted and ignored: the agent sees only
+//! plain HTTP/1.x requests, and TLS passes through as TCP. A missing port matches every port and a missing path
 //! matches every path. The host matches either the request's `Host` header (without its
 //! port, case-insensitively) or the destination IP address.
 
@@ -46,10 +47,15 @@ impl Pattern {
         if trimmed.is_empty() {
             return Err("is empty; use * to match every request".into());
         }
-        let rest = trimmed
-            .strip_prefix("http://")
-            .or_else(|| trimmed.strip_prefix("https://"))
-            .unwrap_or(trimmed);
+        let rest = match trimmed.split_once("://") {
+            Some(("http" | "https", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "{text:?} has scheme {scheme:?}; only http:// or https:// may start a pattern"
+                ));
+            }
+            None => trimmed,
+        };
         let (authority, path) = match rest.find('/') {
             Some(slash) => (&rest[..slash], &rest[slash..]),
             None => (rest, "*"),
@@ -73,7 +79,16 @@ impl Pattern {
                 "{text:?} has port {port:?}; a port is digits or *"
             ));
         }
-        if host.chars().any(|c| c.is_whitespace() || c == '?' || c == '#') {
+        if let Some(port) = port
+            && !port.contains('*')
+            && port.parse::<u16>().is_err()
+        {
+            return Err(format!("{text:?} has port {port}; ports go up to 65535"));
+        }
+        if host
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '?' | '#' | '[' | ']' | '/'))
+        {
             return Err(format!("{text:?} has a character a host cannot contain"));
         }
         Ok(Pattern {
@@ -213,6 +228,9 @@ mod tests {
             ("*:http/api", "a port is digits or *"),
             ("*:/api", "a port is digits or *"),
             ("a b/api", "cannot contain"),
+            ("ftp://x/y", "scheme \"ftp\""),
+            ("*:99999/x", "ports go up to 65535"),
+            ("http://[::1/healthz", "cannot contain"),
         ];
         for (text, message) in cases {
             let error = Pattern::parse(text).unwrap_err();

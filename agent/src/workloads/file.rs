@@ -34,10 +34,10 @@ struct PodEntry {
 /// Why a workloads file was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadsError {
-    #[error("cannot read workloads file {path}: {source}")]
+    #[error("cannot read workloads file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid workloads file {path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -46,9 +46,9 @@ pub enum WorkloadsError {
 /// Reads and checks a workloads file. Relative `cgroup` paths are taken from
 /// `cgroup_root` (the cgroup v2 mount).
 pub fn load_file(path: &Path, cgroup_root: &Path) -> Result<Vec<Pod>, WorkloadsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| WorkloadsError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| WorkloadsError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     parse(&text, cgroup_root).map_err(|message| WorkloadsError::Invalid {
         path: path.to_path_buf(),
@@ -77,7 +77,7 @@ fn parse(text: &str, cgroup_root: &Path) -> Result<Vec<Pod>, String> {
                 return Err(format!("{key}.{field} is empty"));
             }
         }
-        if !names.insert(identity.clone()) {
+        if !names.insert((identity.namespace.clone(), identity.name.clone())) {
             return Err(format!("{key}: pod {identity} is listed twice"));
         }
         if !addresses.insert(entry.ip) {
@@ -99,8 +99,13 @@ fn parse(text: &str, cgroup_root: &Path) -> Result<Vec<Pod>, String> {
         }
         if !entry.netns.is_absolute() {
             return Err(format!(
-                "{key}.netns: {} is not an absolute path such as /run/netns/NAME",
-                entry.netns.display()
+                "{key}.netns: {:?} is not an absolute path such as /run/netns/NAME",
+                entry.netns
+            ));
+        }
+        if entry.cgroup.as_os_str().is_empty() {
+            return Err(format!(
+                "{key}.cgroup is empty; give the pod's cgroup, relative to the cgroup v2 mount"
             ));
         }
         let cgroup = cgroup_root.join(&entry.cgroup);

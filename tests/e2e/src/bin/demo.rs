@@ -48,7 +48,7 @@ const STEPS: [Step; 6] = [
         unenrolled: false,
     },
     Step {
-        title: "a process the agent does not know calls echo without a token",
+        title: "a process in intruder's network namespace but outside the pods' cgroups, so not steered, calls echo without a token",
         pod: "intruder",
         port: PROTECTED_PORT,
         headers: &[],
@@ -76,7 +76,10 @@ fn main() -> anyhow::Result<()> {
     for (name, pod) in ["frontend", "echo", "intruder", "stranger"].map(|n| (n, scenario.pod(n))) {
         println!("  {name:<9} {}", pod.ip);
     }
-    println!("\nAgent config: {}\n", scenario.config_path.display());
+    println!(
+        "\nAgent config: {} (removed when the demo ends)\n",
+        scenario.config_path.display()
+    );
 
     for (i, step) in STEPS.iter().enumerate() {
         run_step(&scenario, i + 1, step)?;
