@@ -15,7 +15,7 @@ mod outbound;
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockMap},
 };
 use tokenmesh_ebpf::{
     ConnKey, InboundKey, MAX_INBOUND_SOCKETS, MAX_INTERCEPT_NETS, MAX_INTERCEPT_PORTS, MAX_PODS,
@@ -29,7 +29,7 @@ const SOCK_STREAM: u32 = 1;
 /// `IPPROTO_TCP` from `<netinet/in.h>`.
 const IPPROTO_TCP: u32 = 6;
 
-// Minimum kernel of each map type: hash maps 3.19, LRU hash maps 4.10, LPM tries 4.11,
+// Minimum kernel of each map type: arrays and hash maps 3.19, LRU hash maps 4.10, LPM tries 4.11,
 // SOCKMAP 4.14.
 
 #[map]
@@ -41,6 +41,9 @@ static TM_INTERCEPT_NETS: LpmTrie<u32, PortPolicy> = LpmTrie::pinned(MAX_INTERCE
 
 #[map]
 static TM_PODS: HashMap<u64, PodSteering> = HashMap::pinned(MAX_PODS, 0);
+
+#[map]
+static TM_AGENT_CGROUP: Array<u64> = Array::pinned(1, 0);
 
 #[map]
 static TM_PENDING: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);

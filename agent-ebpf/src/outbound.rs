@@ -7,7 +7,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, sock_ops},
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockOpsContext},
@@ -15,8 +15,8 @@ use aya_ebpf::{
 use tokenmesh_ebpf::{ConnKey, OriginalDst};
 
 use crate::{
-    AF_INET, IPPROTO_TCP, SOCK_STREAM, TM_INTERCEPT, TM_INTERCEPT_NETS, TM_ORIG_DST, TM_PENDING,
-    TM_PODS,
+    AF_INET, IPPROTO_TCP, SOCK_STREAM, TM_AGENT_CGROUP, TM_INTERCEPT, TM_INTERCEPT_NETS,
+    TM_ORIG_DST, TM_PENDING, TM_PODS,
 };
 
 /// `cgroup/connect4` verdict that lets `connect()` go on.
@@ -63,6 +63,14 @@ fn steer_connect4(ctx: &SockAddrContext) -> i32 {
 
     // The address is in network byte order, so its first byte in memory is the first octet.
     if dst_ip4.to_ne_bytes()[0] == 127 {
+        return CONNECT_ALLOW;
+    }
+
+    // The agent's own connects are never steered. Minimum kernel 5.7 for this helper in
+    // this program type.
+    // SAFETY: the helper takes no arguments and only reads the current task.
+    let current_cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if TM_AGENT_CGROUP.get(0).is_some_and(|agent| *agent != 0 && *agent == current_cgroup) {
         return CONNECT_ALLOW;
     }
 

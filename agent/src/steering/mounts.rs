@@ -29,6 +29,25 @@ pub fn cgroup2_mount() -> Result<PathBuf, SteeringError> {
         .ok_or(SteeringError::NoCgroup2Mount)
 }
 
+/// The cgroup v2 id of this process's cgroup: the inode number of its folder, which is
+/// what `bpf_get_current_cgroup_id` returns.
+pub(super) fn own_cgroup_id() -> Result<u64, SteeringError> {
+    let membership = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|error| SteeringError::OwnCgroup { detail: error.to_string() })?;
+    // The cgroup v2 line has hierarchy id 0 and no controller list: `0::/path`.
+    let path = membership
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or_else(|| SteeringError::OwnCgroup {
+            detail: "/proc/self/cgroup has no cgroup v2 line (0::PATH)".to_string(),
+        })?;
+    let folder = cgroup2_mount()?.join(path.trim_start_matches('/'));
+    let metadata = std::fs::metadata(&folder).map_err(|error| SteeringError::OwnCgroup {
+        detail: format!("{}: {error}", folder.display()),
+    })?;
+    Ok(std::os::unix::fs::MetadataExt::ino(&metadata))
+}
+
 /// Mounts bpffs at /sys/fs/bpf unless a bpf file system is already mounted there.
 pub(super) fn ensure_bpffs_mounted() -> Result<(), SteeringError> {
     let mounted = read_mounts()?

@@ -9,13 +9,13 @@ use std::{
 use aya::{
     Ebpf, Pod,
     maps::{
-        HashMap, MapData,
+        Array, HashMap, MapData,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use ipnet::Ipv4Net;
 use tokenmesh_ebpf::{
-    ConnKey, MAP_INTERCEPT_NETS, MAP_INTERCEPT_PORTS, MAP_PODS, PodSteering, PortPolicy,
+    ConnKey, MAP_AGENT_CGROUP, MAP_INTERCEPT_NETS, MAP_INTERCEPT_PORTS, MAP_PODS, PodSteering, PortPolicy,
 };
 
 use super::{Steering, SteeringError, is_not_found, lock};
@@ -213,6 +213,25 @@ pub(super) fn sync_intercept_networks(
             Err(error) => return Err(map_error("removing a stale network".to_string(), error)),
         }
     }
+    Ok(())
+}
+
+/// Records the agent's cgroup id, whose connects `connect4` leaves alone.
+pub(super) fn set_agent_cgroup(ebpf: &mut Ebpf, cgroup_id: u64) -> Result<(), SteeringError> {
+    let map = ebpf
+        .map_mut(MAP_AGENT_CGROUP)
+        .ok_or(SteeringError::MissingObject {
+            kind: "map",
+            name: MAP_AGENT_CGROUP,
+        })?;
+    let map_error = |error| SteeringError::Map {
+        map: MAP_AGENT_CGROUP,
+        entry: format!("cgroup id {cgroup_id}"),
+        error,
+    };
+    let mut array: Array<&mut MapData, u64> = Array::try_from(map).map_err(map_error)?;
+    array.set(0, cgroup_id, 0).map_err(map_error)?;
+    tracing::debug!(cgroup.id = cgroup_id, "agent cgroup excluded from steering");
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use std::{
 use aya::maps::{MapInfo, MapType};
 use aya::programs::links::FdLink;
 use tokenmesh_ebpf::{
-    ConnKey, InboundKey, MAP_INBOUND_SOCKETS, MAP_INTERCEPT_NETS, MAP_INTERCEPT_PORTS,
+    ConnKey, InboundKey, MAP_AGENT_CGROUP, MAP_INBOUND_SOCKETS, MAP_INTERCEPT_NETS, MAP_INTERCEPT_PORTS,
     MAP_ORIGINAL_DST, MAP_PENDING, MAP_PODS, MAP_PROTECTED, MAX_INBOUND_SOCKETS,
     MAX_INTERCEPT_NETS, MAX_INTERCEPT_PORTS, MAX_PODS, MAX_PROTECTED_PORTS,
     MAX_TRACKED_CONNECTIONS, OriginalDst, PodSteering, PortPolicy,
@@ -182,13 +182,20 @@ impl MapLayout {
     }
 }
 
-const MAP_LAYOUTS: [MapLayout; 7] = [
+const MAP_LAYOUTS: [MapLayout; 8] = [
     MapLayout {
         name: MAP_INTERCEPT_PORTS,
         map_type: MapType::Hash,
         key_size: size_of::<u16>(),
         value_size: size_of::<PortPolicy>(),
         max_entries: MAX_INTERCEPT_PORTS,
+    },
+    MapLayout {
+        name: MAP_AGENT_CGROUP,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u64>(),
+        max_entries: 1,
     },
     MapLayout {
         name: MAP_INTERCEPT_NETS,

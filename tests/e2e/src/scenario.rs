@@ -127,6 +127,9 @@ pub struct Scenario {
     pub admin: SocketAddr,
     pub bpffs_dir: PathBuf,
     binaries: Binaries,
+    /// Cgroup the agent runs in; `None` keeps the test's own cgroup. A folder below the
+    /// pods' parent cgroup puts the agent where a DaemonSet pod's agent is on a node.
+    pub agent_cgroup: Option<PathBuf>,
     agent: Option<ChildGuard>,
     apps: Vec<ChildGuard>,
     // Fields drop in order: the identity provider and topology go last.
@@ -166,6 +169,7 @@ impl Scenario {
             admin,
             bpffs_dir,
             binaries,
+            agent_cgroup: None,
             agent: None,
             apps: Vec::new(),
             idp,
@@ -313,7 +317,18 @@ plugins:
 
     /// Starts the agent and waits until its `/readyz` answers 200.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
-        let mut command = Command::new(&self.binaries.agent);
+        let mut command = match &self.agent_cgroup {
+            None => Command::new(&self.binaries.agent),
+            Some(cgroup) => {
+                std::fs::create_dir_all(cgroup)?;
+                let mut command = Command::new("sh");
+                command
+                    .args(["-c", "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"", "sh"])
+                    .arg(cgroup)
+                    .arg(&self.binaries.agent);
+                command
+            }
+        };
         command
             .args(["run", "--config"])
             .arg(&self.config_path)

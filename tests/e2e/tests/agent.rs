@@ -263,3 +263,26 @@ fn detach_on_exit_removes_steering() {
     assert_eq!(outcome.status, 200, "{outcome:?}");
     assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), Vec::<String>::new());
 }
+
+#[test]
+fn agent_below_pods_cgroup_not_steered() {
+    let mut scenario = scenario("inpods");
+    let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
+    scenario.stop_agent().unwrap();
+
+    // In a DaemonSet the agent's own cgroup is below the pods' parent cgroup, so its
+    // upstream sockets, made in the pods' namespaces, would be steered back into it if
+    // connect4 did not skip the agent's cgroup.
+    scenario.agent_cgroup = Some(scenario.topology.pods_cgroup().join("tokenmesh-agent"));
+    scenario.start_agent().unwrap();
+
+    let outcome = scenario.curl("frontend", &url, &[]).unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}\n{}", scenario.agent_log());
+    assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), ["frontend"]);
+    let records = scenario.audit_records().unwrap();
+    assert_eq!(
+        records_where(&records, "outbound", PROTECTED_PORT).len(),
+        1,
+        "one outbound hop, not a loop: {records:#?}"
+    );
+}
