@@ -15,7 +15,7 @@ use std::{
 
 use serde::Serialize;
 
-/// Which side of a pod the agent handled the traffic on.
+/// Side of a pod on which the agent handled the traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
@@ -25,7 +25,7 @@ pub enum Direction {
     Inbound,
 }
 
-/// What the agent decided.
+/// The agent's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {

@@ -119,7 +119,7 @@ fn check_config(
     Ok(())
 }
 
-/// The cgroup v2 mount, for commands that only read files and may run off the node.
+/// Returns the cgroup v2 mount, or the usual path for commands that only read files.
 fn cgroup_mount_or_default() -> PathBuf {
     steering::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"))
 }

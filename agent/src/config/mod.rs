@@ -44,7 +44,7 @@ pub struct Config {
     pub urls: Vec<UrlRule>,
 }
 
-/// What the agent does with its eBPF programs when it exits.
+/// The agent's handling of its eBPF programs when it exits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnExit {
@@ -213,7 +213,7 @@ pub struct Problem {
     /// Dotted key, such as `plugins[1].parameters.allowed_cidrs[0]`; empty for syntax errors.
     pub key: String,
     pub message: String,
-    /// Where the key (or, for a missing key, its parent) is in the file.
+    /// Position of the key (or, for a missing key, of its parent) in the file.
     pub location: Option<Location>,
 }
 

@@ -39,12 +39,12 @@ impl Policy {
         }
     }
 
-    /// The first rule whose pattern matches `target`.
+    /// Returns the first rule whose pattern matches `target`.
     pub fn rule_for(&self, target: &Target<'_>) -> Option<&UrlRule> {
         self.rules.iter().find(|rule| rule.pattern.matches(target))
     }
 
-    /// The token creator for a request that `pod` sends to `target`.
+    /// Selects the token creator for a request that `pod` sends to `target`.
     pub fn creator_for(&self, pod: &Pod, target: &Target<'_>) -> Selection<CreatorSettings> {
         self.select(pod, target, |kind| match kind {
             PluginKind::Creator(settings) => Some(settings.clone()),
@@ -52,7 +52,7 @@ impl Policy {
         })
     }
 
-    /// The token validator for a request to `pod` at `target`.
+    /// Selects the token validator for a request to `pod` at `target`.
     pub fn validator_for(&self, pod: &Pod, target: &Target<'_>) -> Selection<ValidatorSettings> {
         self.select(pod, target, |kind| match kind {
             PluginKind::Validator(settings) => Some(settings.clone()),

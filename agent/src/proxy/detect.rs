@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::{net::TcpStream, time::Instant};
 
-/// What a connection carries.
+/// Protocol a connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http1,

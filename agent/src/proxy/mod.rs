@@ -59,7 +59,7 @@ impl Shared {
     }
 }
 
-/// One pod as the proxy sees it.
+/// One pod and its network namespace, as the proxy serves it.
 pub struct PodRuntime {
     pub pod: Pod,
     pub netns: Netns,
@@ -79,7 +79,7 @@ impl PodHandle {
     }
 }
 
-/// What a request is matched against in the `urls:` rules: the `Host` header without its
+/// Builds what the `urls:` rules match a request against: the `Host` header without its
 /// port, and the original destination.
 pub fn request_target<'r, B>(request: &'r Request<B>, destination: SocketAddr) -> Target<'r> {
     let host = request
@@ -106,7 +106,7 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-/// Why a pod's listeners could not be set up.
+/// Reasons a pod's listeners could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum PodSetupError {
     #[error(

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use crate::netns::Netns;
 
-/// Why a destination could not be reached.
+/// Reasons a destination could not be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connecting to {addr} timed out after {timeout:?}")]

@@ -58,7 +58,7 @@ pub fn load_pods(config: &Config, cgroup_mount: &Path) -> anyhow::Result<Vec<Pod
     Ok(pods)
 }
 
-/// Where secrets referenced as `${VAR}` are looked up.
+/// Lookup of environment variables for secrets referenced as `${VAR}`.
 pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// Runs the agent until SIGINT or SIGTERM, reloading on SIGHUP and on file changes.
@@ -147,7 +147,7 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
     result
 }
 
-/// The configured exclusions plus every identity provider endpoint whose host is an
+/// Returns the configured exclusions plus every identity provider endpoint whose host is an
 /// IPv4 address, so pods' own calls to the provider are never steered into the agent.
 pub fn excluded_networks(config: &Config) -> Vec<Ipv4Net> {
     let mut networks = config.steering.exclude_cidrs.clone();

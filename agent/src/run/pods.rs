@@ -17,7 +17,7 @@ pub struct PodSet {
     running: BTreeMap<PodIdentity, PodHandle>,
 }
 
-/// What one reconciliation changed.
+/// Counts of the changes one reconciliation made.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     pub added: usize,

@@ -11,7 +11,7 @@ use super::{Env, load_pods};
 use crate::{config::Config, workloads::Pod};
 
 /// How often the files are checked for changes. Reading two small files this often costs
-/// little, and it also sees ConfigMap updates, which replace a symlink.
+/// little, and it also catches ConfigMap updates, which replace a symlink.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The running configuration and what its files looked like when it was loaded.
@@ -95,7 +95,7 @@ impl Reloader {
     }
 }
 
-/// A hash of both files' content; a missing file hashes as empty.
+/// Hashes the content of both files; a missing file hashes as empty.
 fn fingerprint(config: &Path, workloads: Option<&Path>) -> u64 {
     let mut hasher = DefaultHasher::new();
     for path in std::iter::once(config).chain(workloads) {

@@ -24,7 +24,8 @@ impl Steering {
     /// Steers the outbound connections of the pod whose network namespace has
     /// `netns_cookie` to its listener on 127.0.0.1:`outbound_port` in that namespace.
     ///
-    /// Only processes in a cgroup under `pods_cgroup` are steered.
+    /// Only processes in a cgroup under `pods_cgroup`, other than the agent's own, are
+    /// steered.
     pub fn enroll_outbound(
         &self,
         netns_cookie: u64,

@@ -31,7 +31,7 @@ struct PodEntry {
     labels: BTreeMap<String, String>,
 }
 
-/// Why a workloads file was rejected.
+/// Reasons a workloads file is rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadsError {
     #[error("cannot read workloads file {path}: {error}")]

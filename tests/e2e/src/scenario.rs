@@ -66,7 +66,7 @@ pub struct CurlOutcome {
 }
 
 impl CurlOutcome {
-    /// The echo app's JSON report of what reached it.
+    /// Parses the echo app's JSON report of what reached it.
     pub fn echoed(&self) -> anyhow::Result<serde_json::Value> {
         serde_json::from_str(&self.body)
             .with_context(|| format!("response body is not the echo app's JSON: {:?}", self.body))
@@ -87,7 +87,7 @@ impl CurlOutcome {
         Ok(values)
     }
 
-    /// A response header's value (first occurrence, name matched case-insensitively).
+    /// Returns a response header's value (first occurrence, name matched case-insensitively).
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers.lines().find_map(|line| {
             let (key, value) = line.split_once(':')?;
@@ -315,7 +315,7 @@ plugins:
         Ok(())
     }
 
-    /// Starts the agent and waits until its `/readyz` answers 200.
+    /// Starts the agent and waits until its `/readyz` returns 200.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
         let mut command = match &self.agent_cgroup {
             None => Command::new(&self.binaries.agent),

@@ -197,7 +197,7 @@ fn stopped_agent_fails_closed() {
     let outcome = scenario.curl("stranger", &url, &[]).unwrap();
     assert_eq!(outcome.exit_code, 7, "{outcome:?}");
     // A process outside the pods' cgroups skips connect4; sk_lookup finds no agent
-    // listener and the kernel answers the SYN with a reset.
+    // listener and the kernel replies to the SYN with a reset.
     let outcome = scenario.curl_unenrolled("intruder", &url).unwrap();
     assert_eq!(outcome.exit_code, 7, "{outcome:?}");
     // The app itself still runs: loopback inside the pod is never steered.
