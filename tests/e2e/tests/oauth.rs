@@ -565,15 +565,25 @@ impl std::io::Write for LogBuffer {
 #[tokio::test]
 async fn debug_logs_show_fingerprint_only() {
     let idp = start_idp(IdpConfig::new(clients()));
-    let logs = LogBuffer::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    // The test runtime is single-threaded, so every poll runs under this thread's subscriber.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // A global subscriber, because tracing caches each call site's interest for the
+    // whole process: with a per-thread subscriber, a site first reached by a test on
+    // another thread could stay disabled here. The other tests of this binary log into
+    // the same buffer, which the secret checks below then cover as well.
+    static LOGS: std::sync::OnceLock<LogBuffer> = std::sync::OnceLock::new();
+    let logs = LOGS
+        .get_or_init(|| {
+            let logs = LogBuffer::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other test of this binary sets a global subscriber");
+            logs
+        })
+        .clone();
 
     let tokens = TokenSource::new(http(), SKEW);
     let token = tokens.token(&frontend(&idp, &["read"])).await.unwrap();
