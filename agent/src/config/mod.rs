@@ -4,7 +4,7 @@
 //! collected with the key it concerns, so one run of `check-config` lists them all.
 //! Nothing takes effect until the whole file is valid.
 
-mod locate;
+pub(crate) mod locate;
 mod plugins;
 mod rules;
 pub mod secret;

@@ -9,6 +9,7 @@ use std::{
 use serde::Deserialize;
 
 use super::{Pod, PodIdentity};
+use crate::config::locate::Locations;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,13 +57,23 @@ pub fn load_file(path: &Path, cgroup_root: &Path) -> Result<Vec<Pod>, WorkloadsE
     })
 }
 
+/// Checks every entry and reports every problem, each with its line and column.
 fn parse(text: &str, cgroup_root: &Path) -> Result<Vec<Pod>, String> {
     let file: WorkloadsFile = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
     let mut names = HashSet::new();
     let mut addresses = HashSet::new();
     let mut pods = Vec::new();
+    let mut problems: Vec<(String, String)> = Vec::new();
     for (i, entry) in file.pods.into_iter().enumerate() {
         let key = format!("pods[{i}]");
+        let mut problem = |field: &str, message: String| {
+            let at = if field.is_empty() {
+                key.clone()
+            } else {
+                format!("{key}.{field}")
+            };
+            problems.push((at, message));
+        };
         let identity = PodIdentity {
             namespace: entry.namespace,
             name: entry.name,
@@ -74,39 +85,44 @@ fn parse(text: &str, cgroup_root: &Path) -> Result<Vec<Pod>, String> {
             ("service_account", &identity.service_account),
         ] {
             if value.trim().is_empty() {
-                return Err(format!("{key}.{field} is empty"));
+                problem(field, "is empty".to_string());
             }
         }
         if !names.insert((identity.namespace.clone(), identity.name.clone())) {
-            return Err(format!("{key}: pod {identity} is listed twice"));
+            problem("", format!("pod {identity} is listed twice"));
         }
         if !addresses.insert(entry.ip) {
-            return Err(format!(
-                "{key}.ip: {} is already the address of another pod",
-                entry.ip
-            ));
+            problem(
+                "ip",
+                format!("{} is already the address of another pod", entry.ip),
+            );
         }
         if entry.ip.is_loopback() || entry.ip.is_unspecified() {
-            return Err(format!(
-                "{key}.ip: {} is not a pod address; give the pod's own IP",
-                entry.ip
-            ));
+            problem(
+                "ip",
+                format!("{} is not a pod address; give the pod's own IP", entry.ip),
+            );
         }
         if let Some(port) = entry.protected_ports.iter().find(|p| **p == 0) {
-            return Err(format!(
-                "{key}.protected_ports: port {port} is not a valid port"
-            ));
+            problem(
+                "protected_ports",
+                format!("port {port} is not a valid port"),
+            );
         }
         if !entry.netns.is_absolute() {
-            return Err(format!(
-                "{key}.netns: {:?} is not an absolute path such as /run/netns/NAME",
-                entry.netns
-            ));
+            problem(
+                "netns",
+                format!(
+                    "{:?} is not an absolute path such as /run/netns/NAME",
+                    entry.netns
+                ),
+            );
         }
         if entry.cgroup.as_os_str().is_empty() {
-            return Err(format!(
-                "{key}.cgroup is empty; give the pod's cgroup, relative to the cgroup v2 mount"
-            ));
+            problem(
+                "cgroup",
+                "is empty; give the pod's cgroup, relative to the cgroup v2 mount".to_string(),
+            );
         }
         let cgroup = cgroup_root.join(&entry.cgroup);
         pods.push(Pod {
@@ -120,7 +136,18 @@ fn parse(text: &str, cgroup_root: &Path) -> Result<Vec<Pod>, String> {
             probe_exemption: Default::default(),
         });
     }
-    Ok(pods)
+    if problems.is_empty() {
+        return Ok(pods);
+    }
+    let locations = Locations::of(text);
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|(key, message)| match locations.find(key) {
+            Some(at) => format!("line {} column {}: {key}: {message}", at.line, at.column),
+            None => format!("{key}: {message}"),
+        })
+        .collect();
+    Err(lines.join("; "))
 }
 
 #[cfg(test)]
@@ -162,7 +189,7 @@ mod tests {
         let err = parse(&text, Path::new(ROOT)).unwrap_err();
         assert_eq!(
             err,
-            "pods[1].ip: 10.1.0.2 is already the address of another pod"
+            "line 12 column 9: pods[1].ip: 10.1.0.2 is already the address of another pod"
         );
     }
 
@@ -174,7 +201,7 @@ mod tests {
             pod_yaml("a", "10.1.0.3")
         );
         let err = parse(&text, Path::new(ROOT)).unwrap_err();
-        assert_eq!(err, "pods[1]: pod demo/a is listed twice");
+        assert_eq!(err, "line 9 column 5: pods[1]: pod demo/a is listed twice");
     }
 
     #[test]
@@ -186,11 +213,30 @@ mod tests {
     }
 
     #[test]
+    fn every_problem_reported() {
+        let text = format!(
+            "pods:\n{}{}",
+            pod_yaml("a", "10.1.0.2"),
+            pod_yaml("a", "127.0.0.1")
+        )
+        .replace("protected_ports: [8080]", "protected_ports: [0]");
+        let err = parse(&text, Path::new(ROOT)).unwrap_err();
+        for expected in [
+            "pods[0].protected_ports: port 0",
+            "pods[1]: pod demo/a is listed twice",
+            "pods[1].ip: 127.0.0.1 is not a pod address",
+            "pods[1].protected_ports: port 0",
+        ] {
+            assert!(err.contains(expected), "{expected} missing from {err}");
+        }
+    }
+
+    #[test]
     fn loopback_address_rejected() {
         let text = format!("pods:\n{}", pod_yaml("a", "127.0.0.1"));
         let err = parse(&text, Path::new(ROOT)).unwrap_err();
         assert!(
-            err.starts_with("pods[0].ip: 127.0.0.1 is not a pod address"),
+            err.starts_with("line 5 column 9: pods[0].ip: 127.0.0.1 is not a pod address"),
             "{err}"
         );
     }
