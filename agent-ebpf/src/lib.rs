@@ -12,9 +12,9 @@ pub const MAP_INTERCEPT_PORTS: &str = "TM_INTERCEPT";
 /// prefix decides; a destination that matches no prefix is not intercepted.
 pub const MAP_INTERCEPT_NETS: &str = "TM_INTERCEPT_NETS";
 /// One-entry array holding the cgroup v2 id of the agent's own cgroup (`u64`, 0 when
-/// unset). `connect4` never steers a connect made by a task of that cgroup, so the
+/// unset). `connect4` never steers a connect made by a task of that cgroup. So the
 /// agent's upstream sockets, which it creates inside pods' namespaces, are not sent back
-/// into the agent even when the agent's cgroup is below the pods' parent cgroup.
+/// into the agent, even when the agent's cgroup is below the pods' parent cgroup.
 pub const MAP_AGENT_CGROUP: &str = "TM_AGENT_CGROUP";
 /// Map of enrolled pods: key `u64` netns cookie, value [`PodSteering`].
 pub const MAP_PODS: &str = "TM_PODS";

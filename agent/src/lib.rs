@@ -1,7 +1,7 @@
 //! tokenmesh node agent.
 //!
 //! Modules follow the data path: `steering` loads the eBPF programs that move pod traffic
-//! into the agent, `workloads` knows the pods of this node, `proxy` runs the per-pod
+//! into the agent, `workloads` lists the pods of this node, `proxy` runs the per-pod
 //! outbound and inbound listeners, `oauth` gets and validates access tokens, `policy`
 //! decides which plugin applies to which pod, and `audit` records every decision.
 

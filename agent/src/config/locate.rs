@@ -34,7 +34,7 @@ impl Locations {
         }
     }
 
-    /// The location of `key`, or of its nearest parent that exists (a missing field is
+    /// Returns the location of `key`, or of its nearest parent that exists (a missing field is
     /// reported where its mapping starts).
     pub fn find(&self, key: &str) -> Option<Location> {
         let mut key = key;
@@ -69,7 +69,7 @@ struct Walker {
 }
 
 impl Walker {
-    /// The key the next value in the current container gets, or `None` when the next
+    /// Returns the key of the next value in the current container, or `None` when the next
     /// scalar is a mapping key.
     fn next_value_key(&mut self) -> Option<String> {
         let parent = self.paths.last().cloned().unwrap_or_default();

@@ -90,7 +90,7 @@ impl WorkloadSelector {
     }
 }
 
-/// What an inbound validator does with a connection that is not HTTP/1.x.
+/// The inbound validator's action on a connection that is not HTTP/1.x.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NonHttpAction {

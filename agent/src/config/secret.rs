@@ -10,7 +10,7 @@ pub struct Secret {
     source: Arc<str>,
 }
 
-/// Why a secret reference could not be resolved.
+/// Reasons a secret reference cannot be resolved.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SecretError {
     #[error("environment variable {0} is not set; export it or use file:PATH instead")]
@@ -58,7 +58,7 @@ impl Secret {
         Err(SecretError::Literal)
     }
 
-    /// Builds a secret from a value the caller already holds (tests, generated keys).
+    /// Builds a secret from a value the caller already has (tests, generated keys).
     pub fn new(value: &str, source: &str) -> Secret {
         Secret {
             value: value.into(),
@@ -66,7 +66,7 @@ impl Secret {
         }
     }
 
-    /// The secret itself. Callers send it to the identity provider and never log it.
+    /// Returns the secret itself. Callers send it to the identity provider and never log it.
     pub fn expose(&self) -> &str {
         &self.value
     }

@@ -38,7 +38,7 @@ pub struct Accepted {
     pub token_in_query: bool,
 }
 
-/// A request that failed a check, with the answer the caller gets.
+/// A request that failed a check, with the response the caller gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     pub status: StatusCode,
@@ -73,7 +73,7 @@ impl Denial {
         self
     }
 
-    /// The `WWW-Authenticate` challenge (RFC 6750 section 3), or `None` for answers that
+    /// The `WWW-Authenticate` challenge (RFC 6750 section 3), or `None` for responses that
     /// are not about the caller's credentials (the identity provider being down).
     pub fn challenge(&self) -> Option<HeaderValue> {
         if self.decision != Decision::Deny {

@@ -1,4 +1,4 @@
-//! Which plugins apply to a request: the pod's plugins, chosen by workload selectors,
+//! Plugin selection per request: the pod's plugins, chosen by workload selectors,
 //! adjusted by the first `urls:` rule whose pattern matches the request. A `Policy` is an
 //! immutable snapshot; a reload builds a new one and swaps it in whole.
 

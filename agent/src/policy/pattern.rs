@@ -1,10 +1,11 @@
 //! URL patterns of the `urls:` rules, such as `*/api/echo*` or `echo.shop:8080/admin/*`.
 //!
 //! A pattern is `[http://|https://]HOST[:PORT][/PATH]`. `*` matches any run of characters,
-//! including none, in each part. The scheme is accepted and ignored: the agent sees only
-//! plain HTTP/1.x requests, and TLS passes through as TCP. A missing port matches every port and a missing path
-//! matches every path. The host matches either the request's `Host` header (without its
-//! port, case-insensitively) or the destination IP address.
+//! including none, in each part. A missing port matches every port and a missing path
+//! matches every path. The scheme is accepted and ignored, because the agent handles only
+//! plain HTTP/1.x requests and TLS passes through as TCP. The host matches either the
+//! request's `Host` header (without its port, case-insensitively) or the destination IP
+//! address.
 
 use std::{fmt, net::IpAddr};
 
@@ -47,6 +48,7 @@ impl Pattern {
         if trimmed.is_empty() {
             return Err("is empty; use * to match every request".into());
         }
+
         let rest = match trimmed.split_once("://") {
             Some(("http" | "https", rest)) => rest,
             Some((scheme, _)) => {
@@ -56,6 +58,7 @@ impl Pattern {
             }
             None => trimmed,
         };
+
         let (authority, path) = match rest.find('/') {
             Some(slash) => (&rest[..slash], &rest[slash..]),
             None => (rest, "*"),
@@ -65,6 +68,7 @@ impl Pattern {
                 "{text:?} has no host part; start with * to match any host, as in */api/*"
             ));
         }
+
         let (host, port) = match authority.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (authority, None),
@@ -75,9 +79,7 @@ impl Pattern {
         if let Some(port) = port
             && (port.is_empty() || !port.chars().all(|c| c.is_ascii_digit() || c == '*'))
         {
-            return Err(format!(
-                "{text:?} has port {port:?}; a port is digits or *"
-            ));
+            return Err(format!("{text:?} has port {port:?}; a port is digits or *"));
         }
         if let Some(port) = port
             && !port.contains('*')
@@ -91,6 +93,7 @@ impl Pattern {
         {
             return Err(format!("{text:?} has a character a host cannot contain"));
         }
+
         Ok(Pattern {
             text: trimmed.to_string(),
             host: Glob::new(&host.to_ascii_lowercase()),
@@ -215,7 +218,11 @@ mod tests {
         ];
         for (text, target, expected) in cases {
             let pattern = Pattern::parse(text).unwrap();
-            assert_eq!(pattern.matches(target), *expected, "{text} against {target:?}");
+            assert_eq!(
+                pattern.matches(target),
+                *expected,
+                "{text} against {target:?}"
+            );
         }
     }
 

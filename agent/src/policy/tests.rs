@@ -121,8 +121,8 @@ fn rule_precedence_table() {
 #[test]
 fn disabled_plugin_enabled_by_rule() {
     let policy = policy(CONFIG);
-    // The strict validator selects every pod but is off unless a rule enables it; the
-    // echo validator comes first for echo, so another pod shows the strict one.
+    // The strict validator selects every pod but is off unless a rule enables it. The
+    // echo validator comes first for echo, so another pod is used to reach the strict one.
     let other = pod("other", "other", &[]);
     assert!(policy.validator_for(&other, &target("/x")).settings.is_none());
     let strict = policy.validator_for(&other, &target("/api/admin/x")).settings.unwrap();

@@ -18,9 +18,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::{
-    PodRuntime, Shared, detect, respond,
+    Exchange, PodRuntime, Shared, detect, request_target, respond, send_and_record,
     tcp::{flow_event, pass_through},
-    request_target,
     upstream::{HttpUpstream, ProxyBody},
 };
 use crate::{
@@ -47,7 +46,11 @@ pub async fn serve(
 
     // Kubelet probes come from the node and carry no token; the pod's probe exemption
     // lists the node's addresses and the protected ports its probes use.
-    if runtime.pod.probe_exemption.exempts(peer.ip(), original.port()) {
+    if runtime
+        .pod
+        .probe_exemption
+        .exempts(peer.ip(), original.port())
+    {
         let mut event = flow_event(Direction::Inbound, peer, original);
         event.destination_pod = Some(runtime.pod.identity.to_string());
         pass_through(&shared, &runtime, stream, event, app, "probe_exempt").await;
@@ -167,8 +170,16 @@ async fn handle(
     let Some(validator) = selection.settings else {
         // No validator applies here, for example a rule that turns it off for a health
         // check path: the request goes to the app unchanged.
-        return forward(shared, runtime, upstream, request, event, started, "no_token_validator")
-            .await;
+        return forward(
+            shared,
+            runtime,
+            upstream,
+            request,
+            event,
+            started,
+            "no_token_validator",
+        )
+        .await;
     };
     let validator = validator.as_ref();
     event.plugin = Some(validator.plugin_id.clone());
@@ -200,7 +211,16 @@ async fn handle(
     };
     event.client_id = accepted.client_id.as_ref().map(ToString::to_string);
     prepare_for_app(validator, &accepted, &mut request);
-    forward(shared, runtime, upstream, request, event, started, accepted.reason).await
+    forward(
+        shared,
+        runtime,
+        upstream,
+        request,
+        event,
+        started,
+        accepted.reason,
+    )
+    .await
 }
 
 /// Sends an accepted request to the app and records the outcome.
@@ -209,32 +229,23 @@ async fn forward(
     runtime: &PodRuntime,
     upstream: &HttpUpstream,
     request: Request<Incoming>,
-    mut event: AuditEvent,
+    event: AuditEvent,
     started: Instant,
     reason: &'static str,
 ) -> Response<ProxyBody> {
-    match upstream.send(request).await {
-        Ok(response) => {
-            event.status = Some(response.status().as_u16());
-            event.finish(Decision::Allow, reason, started.elapsed());
-            shared.audit.record(&event);
-            respond::forwarded(response)
-        }
-        Err(e) => {
-            tracing::debug!(pod = %runtime.pod.identity, error = %e, "app unreachable");
-            let response = respond::text(
-                http::StatusCode::BAD_GATEWAY,
-                format!(
-                    "tokenmesh: the app of pod {} is unreachable: {e}\n",
-                    runtime.pod.identity
-                ),
-            );
-            event.status = Some(response.status().as_u16());
-            event.finish(Decision::Error, "app_unavailable", started.elapsed());
-            shared.audit.record(&event);
-            response
-        }
-    }
+    let exchange = Exchange {
+        event,
+        started,
+        allow_reason: reason,
+        error_reason: "app_unavailable",
+    };
+    send_and_record(shared, runtime, upstream, request, exchange, |error| {
+        format!(
+            "the app of pod {} is unreachable: {error}",
+            runtime.pod.identity
+        )
+    })
+    .await
 }
 
 /// Removes the token (when configured, and always from the URL) and any client id header

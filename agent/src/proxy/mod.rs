@@ -15,15 +15,17 @@ use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
-use http::{Request, header::HOST};
+use http::{Request, Response, StatusCode, header::HOST};
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    audit::Audit,
+    audit::{Audit, AuditEvent, Decision},
     config::ProxyConfig,
     netns::Netns,
     oauth::{introspect::Introspector, jwks::KeySets, token::TokenSource},
@@ -33,6 +35,7 @@ use crate::{
 };
 
 pub use detect::{Protocol, classify};
+use upstream::{HttpUpstream, ProxyBody, UpstreamError};
 
 /// State shared by every listener of the node.
 pub struct Shared {
@@ -93,6 +96,53 @@ pub fn request_target<'r, B>(request: &'r Request<B>, destination: SocketAddr) -
         ip: destination.ip(),
         port: destination.port(),
         path: request.uri().path(),
+    }
+}
+
+/// The audit record of one request and the reasons to record for each outcome.
+pub(crate) struct Exchange {
+    pub event: AuditEvent,
+    pub started: Instant,
+    /// Reason recorded when the destination returns a response.
+    pub allow_reason: &'static str,
+    /// Reason recorded with a 502 when the destination cannot be reached.
+    pub error_reason: &'static str,
+}
+
+/// Sends `request` upstream and records the outcome. When the destination cannot be
+/// reached, the caller gets a 502 whose body `describe` builds from the error.
+pub(crate) async fn send_and_record(
+    shared: &Shared,
+    runtime: &PodRuntime,
+    upstream: &HttpUpstream,
+    request: Request<Incoming>,
+    exchange: Exchange,
+    describe: impl FnOnce(&UpstreamError) -> String,
+) -> Response<ProxyBody> {
+    let Exchange {
+        mut event,
+        started,
+        allow_reason,
+        error_reason,
+    } = exchange;
+    match upstream.send(request).await {
+        Ok(response) => {
+            event.status = Some(response.status().as_u16());
+            event.finish(Decision::Allow, allow_reason, started.elapsed());
+            shared.audit.record(&event);
+            respond::forwarded(response)
+        }
+        Err(error) => {
+            tracing::debug!(pod = %runtime.pod.identity, error = %error, "destination unreachable");
+            let response = respond::text(
+                StatusCode::BAD_GATEWAY,
+                format!("tokenmesh: {}\n", describe(&error)),
+            );
+            event.status = Some(response.status().as_u16());
+            event.finish(Decision::Error, error_reason, started.elapsed());
+            shared.audit.record(&event);
+            response
+        }
     }
 }
 
@@ -193,7 +243,13 @@ pub async fn start_pod(
         .steering
         .enroll_outbound(runtime.netns.cookie(), outbound_port)
         .map_err(steering_error)?;
-    spawn_accept_loop(shared, &runtime, &cancel, outbound_listener, outbound::serve);
+    spawn_accept_loop(
+        shared,
+        &runtime,
+        &cancel,
+        outbound_listener,
+        outbound::serve,
+    );
 
     tracing::info!(
         pod = %runtime.pod.identity,

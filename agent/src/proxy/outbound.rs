@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{
-    PodRuntime, Shared, detect, request_target, respond,
+    Exchange, PodRuntime, Shared, detect, request_target, respond, send_and_record,
     tcp::{flow_event, pass_through},
     upstream::{HttpUpstream, ProxyBody},
 };
@@ -49,7 +49,15 @@ pub async fn serve(
         let mut event = flow_event(Direction::Outbound, source, destination);
         event.source_pod = Some(runtime.pod.identity.to_string());
         event.destination_pod = shared.pod_name(destination.ip());
-        pass_through(&shared, &runtime, stream, event, destination, "tcp_pass_through").await;
+        pass_through(
+            &shared,
+            &runtime,
+            stream,
+            event,
+            destination,
+            "tcp_pass_through",
+        )
+        .await;
         return;
     }
 
@@ -106,27 +114,26 @@ async fn handle(
         }
     }
 
-    let reason = if creator.is_some() {
+    let allow_reason = if creator.is_some() {
         "token_added"
     } else {
         "no_token_creator"
     };
-    match upstream.send(request).await {
-        Ok(response) => {
-            event.status = Some(response.status().as_u16());
-            event.finish(Decision::Allow, reason, started.elapsed());
-            shared.audit.record(&event);
-            respond::forwarded(response)
-        }
-        Err(e) => {
-            tracing::debug!(pod = %runtime.pod.identity, error = %e, "outbound request failed");
-            let response = respond::text(StatusCode::BAD_GATEWAY, format!("tokenmesh: {e}\n"));
-            event.status = Some(response.status().as_u16());
-            event.finish(Decision::Error, "upstream_unavailable", started.elapsed());
-            shared.audit.record(&event);
-            response
-        }
-    }
+    let exchange = Exchange {
+        event,
+        started,
+        allow_reason,
+        error_reason: "upstream_unavailable",
+    };
+    send_and_record(
+        shared,
+        runtime,
+        upstream,
+        request,
+        exchange,
+        ToString::to_string,
+    )
+    .await
 }
 
 /// Replaces whatever token header the app sent with a fresh token for the pod's client.
@@ -182,7 +189,11 @@ fn token_unavailable(credentials: &ClientCredentials, error: &TokenError) -> Res
             credentials.client_id
         ),
     );
-    let retry_after = credentials.min_request_interval.as_secs_f64().ceil().max(1.0) as u64;
+    let retry_after = credentials
+        .min_request_interval
+        .as_secs_f64()
+        .ceil()
+        .max(1.0) as u64;
     response
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(retry_after));

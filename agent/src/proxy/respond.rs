@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, Full};
 
 use super::upstream::ProxyBody;
 
-/// A short plain-text answer; `text` must name the cause and carry no secret.
+/// Builds a short plain-text response. `text` must name the cause and carry no secret.
 pub fn text(status: StatusCode, text: String) -> Response<ProxyBody> {
     let body = Full::new(Bytes::from(text))
         .map_err(|never| match never {})
@@ -20,7 +20,7 @@ pub fn text(status: StatusCode, text: String) -> Response<ProxyBody> {
     response
 }
 
-/// Wraps a destination's response so it can share a type with the agent's own answers.
+/// Wraps a destination's response so it can share a type with the agent's own responses.
 pub fn forwarded(response: Response<hyper::body::Incoming>) -> Response<ProxyBody> {
     response.map(|body| body.boxed())
 }

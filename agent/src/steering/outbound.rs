@@ -236,7 +236,7 @@ pub(super) fn set_agent_cgroup(ebpf: &mut Ebpf, cgroup_id: u64) -> Result<(), St
     Ok(())
 }
 
-/// The trie key of `net`: the address in network byte order, as `connect4` sees it.
+/// Builds the trie key of `net`: the address in network byte order, as `connect4` reads it.
 fn network_key(net: &Ipv4Net) -> Key<u32> {
     Key::new(u32::from(net.prefix_len()), u32::from_ne_bytes(net.network().octets()))
 }

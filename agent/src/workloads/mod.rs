@@ -15,7 +15,7 @@ use std::{
 
 pub use file::{WorkloadsError, load_file};
 
-/// Who a pod is, as Kubernetes names it.
+/// A pod's identity, as Kubernetes names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PodIdentity {
     pub namespace: String,

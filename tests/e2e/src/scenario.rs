@@ -42,7 +42,9 @@ impl Binaries {
     pub fn locate(echo: PathBuf) -> anyhow::Result<Binaries> {
         let agent = match std::env::var_os("TOKENMESH_AGENT_BIN") {
             Some(path) => PathBuf::from(path),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tokenmesh-agent"),
+            None => {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/tokenmesh-agent")
+            }
         };
         if !agent.exists() {
             bail!(
@@ -159,7 +161,9 @@ impl Scenario {
             ])
         });
         let idp = Idp::start(&idp_config)?;
-        let dir = tempfile::Builder::new().prefix("tokenmesh-scenario-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("tokenmesh-scenario-")
+            .tempdir()?;
         let admin = free_loopback_addr()?;
         let bpffs_dir = topology.bpf_pin_dir().to_path_buf();
         let mut scenario = Scenario {
@@ -205,7 +209,12 @@ impl Scenario {
         let frontend_parameters = options
             .frontend_parameters
             .clone()
-            .unwrap_or_else(|| vec!["client_secret: file:secrets/frontend".into(), "scopes: [admin]".into()])
+            .unwrap_or_else(|| {
+                vec![
+                    "client_secret: file:secrets/frontend".into(),
+                    "scopes: [admin]".into(),
+                ]
+            })
             .iter()
             .map(|line| format!("      {line}\n"))
             .collect::<String>();
@@ -225,7 +234,11 @@ impl Scenario {
         let proxy = if options.proxy.is_empty() {
             String::new()
         } else {
-            let lines: String = options.proxy.iter().map(|line| format!("  {line}\n")).collect();
+            let lines: String = options
+                .proxy
+                .iter()
+                .map(|line| format!("  {line}\n"))
+                .collect();
             format!("proxy:\n{lines}")
         };
 
@@ -307,10 +320,14 @@ plugins:
         }
         for port in [PROTECTED_PORT, PLAIN_PORT] {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            wait_until(Duration::from_secs(10), &format!("echo app on port {port}"), || {
-                self.curl_status_in("echo", &format!("http://{addr}/"))
-                    .is_ok_and(|status| status == 200)
-            })?;
+            wait_until(
+                Duration::from_secs(10),
+                &format!("echo app on port {port}"),
+                || {
+                    self.curl_status_in("echo", &format!("http://{addr}/"))
+                        .is_ok_and(|status| status == 200)
+                },
+            )?;
         }
         Ok(())
     }
@@ -323,7 +340,11 @@ plugins:
                 std::fs::create_dir_all(cgroup)?;
                 let mut command = Command::new("sh");
                 command
-                    .args(["-c", "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"", "sh"])
+                    .args([
+                        "-c",
+                        "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"",
+                        "sh",
+                    ])
                     .arg(cgroup)
                     .arg(&self.binaries.agent);
                 command
@@ -343,7 +364,9 @@ plugins:
         });
         self.agent = Some(agent);
         if exited || ready.is_err() {
-            let e = ready.err().map_or("the agent exited".to_string(), |e| e.to_string());
+            let e = ready
+                .err()
+                .map_or("the agent exited".to_string(), |e| e.to_string());
             let log = self.agent_log();
             bail!("{e}\nagent log:\n{log}");
         }
@@ -366,11 +389,16 @@ plugins:
     /// Rewrites the workloads file so it lists only the pods named in `keep`.
     pub fn rewrite_workloads(&self, keep: &[&str]) -> anyhow::Result<()> {
         let path = self.dir.path().join("workloads.yaml");
-        let mut document: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+        let mut document: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
         let pods = document["pods"]
             .as_sequence_mut()
             .context("the workloads file has no pods list")?;
-        pods.retain(|pod| pod["name"].as_str().is_some_and(|name| keep.contains(&name)));
+        pods.retain(|pod| {
+            pod["name"]
+                .as_str()
+                .is_some_and(|name| keep.contains(&name))
+        });
         replace_file(&path, &serde_yaml::to_string(&document)?)
     }
 
@@ -384,8 +412,10 @@ plugins:
 
     /// Waits until the agent's log contains `text`.
     pub fn wait_for_log(&self, text: &str, timeout: Duration) -> anyhow::Result<()> {
-        wait_until(timeout, &format!("agent log line {text:?}"), || self.agent_log().contains(text))
-            .with_context(|| self.agent_log())
+        wait_until(timeout, &format!("agent log line {text:?}"), || {
+            self.agent_log().contains(text)
+        })
+        .with_context(|| self.agent_log())
     }
 
     /// Everything the agent wrote to stderr so far.
@@ -405,7 +435,9 @@ plugins:
     pub fn audit_records(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         let text = std::fs::read_to_string(&self.audit_path).unwrap_or_default();
         text.lines()
-            .map(|line| serde_json::from_str(line).with_context(|| format!("bad audit line {line:?}")))
+            .map(|line| {
+                serde_json::from_str(line).with_context(|| format!("bad audit line {line:?}"))
+            })
             .collect()
     }
 
@@ -422,7 +454,12 @@ plugins:
         self.run_curl(command, url, &[])
     }
 
-    fn run_curl(&self, mut command: Command, url: &str, headers: &[&str]) -> anyhow::Result<CurlOutcome> {
+    fn run_curl(
+        &self,
+        mut command: Command,
+        url: &str,
+        headers: &[&str],
+    ) -> anyhow::Result<CurlOutcome> {
         let scratch = tempfile::tempdir_in(self.dir.path())?;
         let body_path = scratch.path().join("body");
         let headers_path = scratch.path().join("headers");
@@ -515,8 +552,30 @@ impl Drop for Scenario {
     }
 }
 
+/// Selects the audit records of one direction whose destination port is `port`.
+pub fn records_where<'a>(
+    records: &'a [serde_json::Value],
+    direction: &str,
+    port: u16,
+) -> Vec<&'a serde_json::Value> {
+    let suffix = format!(":{port}");
+    records
+        .iter()
+        .filter(|record| record["direction"] == direction)
+        .filter(|record| {
+            record["destination"]
+                .as_str()
+                .is_some_and(|destination| destination.ends_with(&suffix))
+        })
+        .collect()
+}
+
 /// Polls `ready` every 50 ms until it returns true or `timeout` passes.
-pub fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if ready() {

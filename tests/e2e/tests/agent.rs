@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use tokenmesh_e2e::{
-    scenario::{Binaries, CLIENT_ID_HEADER, PLAIN_PORT, PROTECTED_PORT, Scenario},
+    scenario::{Binaries, CLIENT_ID_HEADER, PLAIN_PORT, PROTECTED_PORT, Scenario, records_where},
     topology::require_root,
 };
 
@@ -16,22 +16,6 @@ fn scenario(prefix: &str) -> Scenario {
     let binaries = Binaries::locate(PathBuf::from(env!("CARGO_BIN_EXE_echo")))
         .expect("cannot find the programs to run");
     Scenario::start(prefix, binaries).expect("cannot start the scenario")
-}
-
-fn records_where<'a>(
-    records: &'a [serde_json::Value],
-    direction: &str,
-    port: u16,
-) -> Vec<&'a serde_json::Value> {
-    records
-        .iter()
-        .filter(|r| r["direction"] == direction)
-        .filter(|r| {
-            r["destination"]
-                .as_str()
-                .is_some_and(|d| d.ends_with(&format!(":{port}")))
-        })
-        .collect()
 }
 
 #[test]
@@ -43,11 +27,20 @@ fn allowed_call_reaches_app_without_token() {
     let outcome = scenario.curl("frontend", &url, &[]).unwrap();
 
     assert_eq!(outcome.status, 200, "{outcome:?}\n{}", scenario.agent_log());
-    assert_eq!(outcome.echoed_header("authorization").unwrap(), Vec::<String>::new());
-    assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), ["frontend"]);
+    assert_eq!(
+        outcome.echoed_header("authorization").unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
+        ["frontend"]
+    );
     let echoed = outcome.echoed().unwrap();
     let app_peer = echoed["peer"].as_str().unwrap();
-    assert!(app_peer.starts_with("127.0.0.1:"), "the agent hands requests to the app on loopback: {app_peer}");
+    assert!(
+        app_peer.starts_with("127.0.0.1:"),
+        "the agent hands requests to the app on loopback: {app_peer}"
+    );
 
     let records = scenario.audit_records().unwrap();
     let outbound = records_where(&records, "outbound", PROTECTED_PORT);
@@ -63,13 +56,20 @@ fn allowed_call_reaches_app_without_token() {
     assert_eq!(inbound.len(), 1, "{records:#?}");
     assert_eq!(inbound[0]["decision"], "allow");
     assert_eq!(inbound[0]["reason"], "token_valid");
-    assert_eq!(inbound[0]["source_ip"], frontend_ip.as_str(), "the real source pod IP");
+    assert_eq!(
+        inbound[0]["source_ip"],
+        frontend_ip.as_str(),
+        "the real source pod IP"
+    );
     assert_eq!(inbound[0]["client_id"], "frontend");
     assert_eq!(inbound[0]["method"], "GET");
     assert_eq!(inbound[0]["path"], "/api/echo");
 
     let audit_text = std::fs::read_to_string(&scenario.audit_path).unwrap();
-    assert!(!audit_text.to_lowercase().contains("bearer"), "{audit_text}");
+    assert!(
+        !audit_text.to_lowercase().contains("bearer"),
+        "{audit_text}"
+    );
 }
 
 #[test]
@@ -80,8 +80,13 @@ fn disallowed_client_gets_403() {
     let outcome = scenario.curl("intruder", &url, &[]).unwrap();
 
     assert_eq!(outcome.status, 403, "{outcome:?}\n{}", scenario.agent_log());
-    let challenge = outcome.header("www-authenticate").expect("WWW-Authenticate header");
-    assert!(challenge.starts_with("Bearer realm=\"tokenmesh\""), "{challenge}");
+    let challenge = outcome
+        .header("www-authenticate")
+        .expect("WWW-Authenticate header");
+    assert!(
+        challenge.starts_with("Bearer realm=\"tokenmesh\""),
+        "{challenge}"
+    );
     assert!(challenge.contains("error_description="), "{challenge}");
     assert!(outcome.body.contains("not allowed"), "{}", outcome.body);
 
@@ -102,12 +107,22 @@ fn forged_headers_never_reach_app() {
     let forged_client = format!("{CLIENT_ID_HEADER}: intruder");
 
     let outcome = scenario
-        .curl("frontend", &url, &[&forged_client, "Authorization: Bearer forged-token"])
+        .curl(
+            "frontend",
+            &url,
+            &[&forged_client, "Authorization: Bearer forged-token"],
+        )
         .unwrap();
 
     assert_eq!(outcome.status, 200, "{outcome:?}\n{}", scenario.agent_log());
-    assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), ["frontend"]);
-    assert_eq!(outcome.echoed_header("authorization").unwrap(), Vec::<String>::new());
+    assert_eq!(
+        outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
+        ["frontend"]
+    );
+    assert_eq!(
+        outcome.echoed_header("authorization").unwrap(),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -122,7 +137,10 @@ fn source_outside_cidrs_rejected() {
     let records = scenario.audit_records().unwrap();
     let outbound = records_where(&records, "outbound", PROTECTED_PORT);
     assert_eq!(outbound.len(), 1, "{records:#?}");
-    assert_eq!(outbound[0]["reason"], "token_added", "stranger holds a valid frontend token");
+    assert_eq!(
+        outbound[0]["reason"], "token_added",
+        "stranger holds a valid frontend token"
+    );
     let inbound = records_where(&records, "inbound", PROTECTED_PORT);
     assert_eq!(inbound.len(), 1, "{records:#?}");
     assert_eq!(inbound[0]["reason"], "source_ip_not_allowed");
@@ -137,7 +155,11 @@ fn fifty_requests_one_token_request() {
     let statuses = scenario.curl_parallel("frontend", &url, 50).unwrap();
 
     assert_eq!(statuses.len(), 50, "{statuses:?}");
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}\n{}", scenario.agent_log());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{statuses:?}\n{}",
+        scenario.agent_log()
+    );
     let stats = scenario.idp_stats().unwrap();
     assert_eq!(stats.token_requests, 1, "{stats:?}");
     let records = scenario.audit_records().unwrap();
@@ -152,8 +174,13 @@ fn unenrolled_caller_needs_token() {
     let outcome = scenario.curl_unenrolled("intruder", &url).unwrap();
 
     assert_eq!(outcome.status, 401, "{outcome:?}\n{}", scenario.agent_log());
-    let challenge = outcome.header("www-authenticate").expect("WWW-Authenticate header");
-    assert!(!challenge.contains("error="), "no error code without credentials: {challenge}");
+    let challenge = outcome
+        .header("www-authenticate")
+        .expect("WWW-Authenticate header");
+    assert!(
+        !challenge.contains("error="),
+        "no error code without credentials: {challenge}"
+    );
     let records = scenario.audit_records().unwrap();
     let inbound = records_where(&records, "inbound", PROTECTED_PORT);
     assert_eq!(inbound.len(), 1, "{records:#?}");
@@ -167,16 +194,30 @@ fn plain_port_passes_untouched() {
     let frontend_ip = scenario.pod("frontend").ip.to_string();
     let url = scenario.echo_url(PLAIN_PORT, "/plain");
 
-    let outcome = scenario.curl("frontend", &url, &["Authorization: Bearer app-own"]).unwrap();
+    let outcome = scenario
+        .curl("frontend", &url, &["Authorization: Bearer app-own"])
+        .unwrap();
 
     assert_eq!(outcome.status, 200, "{outcome:?}");
-    assert_eq!(outcome.echoed_header("authorization").unwrap(), ["Bearer app-own"]);
-    assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        outcome.echoed_header("authorization").unwrap(),
+        ["Bearer app-own"]
+    );
+    assert_eq!(
+        outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
+        Vec::<String>::new()
+    );
     let echoed = outcome.echoed().unwrap();
     let app_peer = echoed["peer"].as_str().unwrap();
-    assert!(app_peer.starts_with(&format!("{frontend_ip}:")), "direct connection: {app_peer}");
+    assert!(
+        app_peer.starts_with(&format!("{frontend_ip}:")),
+        "direct connection: {app_peer}"
+    );
     let records = scenario.audit_records().unwrap();
-    assert!(records_where(&records, "outbound", PLAIN_PORT).is_empty(), "{records:#?}");
+    assert!(
+        records_where(&records, "outbound", PLAIN_PORT).is_empty(),
+        "{records:#?}"
+    );
     assert_eq!(scenario.idp_stats().unwrap().token_requests, 0);
 }
 
@@ -187,8 +228,16 @@ fn stopped_agent_fails_closed() {
     assert_eq!(scenario.curl("frontend", &url, &[]).unwrap().status, 200);
 
     let status = scenario.stop_agent().unwrap();
-    assert!(status.success(), "agent exit status {status}\n{}", scenario.agent_log());
-    assert!(scenario.agent_log().contains("shutdown complete"), "{}", scenario.agent_log());
+    assert!(
+        status.success(),
+        "agent exit status {status}\n{}",
+        scenario.agent_log()
+    );
+    assert!(
+        scenario.agent_log().contains("shutdown complete"),
+        "{}",
+        scenario.agent_log()
+    );
 
     // connect4 still redirects to the closed outbound listener: refused (curl exit 7).
     let outcome = scenario.curl("frontend", &url, &[]).unwrap();
@@ -201,7 +250,9 @@ fn stopped_agent_fails_closed() {
     let outcome = scenario.curl_unenrolled("intruder", &url).unwrap();
     assert_eq!(outcome.exit_code, 7, "{outcome:?}");
     // The app itself still runs: loopback inside the pod is never steered.
-    let local = scenario.curl("echo", &format!("http://127.0.0.1:{PROTECTED_PORT}/"), &[]).unwrap();
+    let local = scenario
+        .curl("echo", &format!("http://127.0.0.1:{PROTECTED_PORT}/"), &[])
+        .unwrap();
     assert_eq!(local.status, 200, "{local:?}");
 }
 
@@ -229,10 +280,17 @@ fn excluded_network_not_steered() {
     scenario.start_agent().unwrap();
 
     let outcome = scenario.curl("frontend", &url, &[]).unwrap();
-    assert_eq!(outcome.status, 401, "not steered out, so no token: {outcome:?}");
+    assert_eq!(
+        outcome.status, 401,
+        "not steered out, so no token: {outcome:?}"
+    );
     let records = scenario.audit_records().unwrap();
     let outbound = records_where(&records, "outbound", PROTECTED_PORT);
-    assert_eq!(outbound.len(), 1, "only the request before the restart: {records:#?}");
+    assert_eq!(
+        outbound.len(),
+        1,
+        "only the request before the restart: {records:#?}"
+    );
     let inbound = records_where(&records, "inbound", PROTECTED_PORT);
     assert_eq!(inbound.last().unwrap()["reason"], "missing_token");
 }
@@ -256,12 +314,19 @@ fn detach_on_exit_removes_steering() {
     let status = scenario.stop_agent().unwrap();
 
     assert!(status.success(), "{}", scenario.agent_log());
-    assert!(!scenario.bpffs_dir.exists(), "{} is still there", scenario.bpffs_dir.display());
+    assert!(
+        !scenario.bpffs_dir.exists(),
+        "{} is still there",
+        scenario.bpffs_dir.display()
+    );
     // With everything detached the app is reached directly, with no token and no client
     // id: this is why `keep` is the default.
     let outcome = scenario.curl("frontend", &url, &[]).unwrap();
     assert_eq!(outcome.status, 200, "{outcome:?}");
-    assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -278,7 +343,10 @@ fn agent_below_pods_cgroup_not_steered() {
 
     let outcome = scenario.curl("frontend", &url, &[]).unwrap();
     assert_eq!(outcome.status, 200, "{outcome:?}\n{}", scenario.agent_log());
-    assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), ["frontend"]);
+    assert_eq!(
+        outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
+        ["frontend"]
+    );
     let records = scenario.audit_records().unwrap();
     assert_eq!(
         records_where(&records, "outbound", PROTECTED_PORT).len(),

@@ -10,7 +10,10 @@ use std::time::Duration;
 use tokenmesh_e2e::{
     idp::{IdpClient, IdpConfig, KeyType, generate_client_key},
     process::ChildGuard,
-    scenario::{Binaries, CLIENT_ID_HEADER, PROTECTED_PORT, Scenario, ScenarioOptions, wait_until},
+    scenario::{
+        Binaries, CLIENT_ID_HEADER, PROTECTED_PORT, Scenario, ScenarioOptions, records_where,
+        wait_until,
+    },
     topology::require_root,
 };
 
@@ -39,22 +42,6 @@ fn clients(frontend: Option<IdpClient>) -> Vec<IdpClient> {
 
 fn lines(lines: &[&str]) -> Vec<String> {
     lines.iter().map(|line| line.to_string()).collect()
-}
-
-fn records_where<'a>(
-    records: &'a [serde_json::Value],
-    direction: &str,
-    port: u16,
-) -> Vec<&'a serde_json::Value> {
-    records
-        .iter()
-        .filter(|r| r["direction"] == direction)
-        .filter(|r| {
-            r["destination"]
-                .as_str()
-                .is_some_and(|d| d.ends_with(&format!(":{port}")))
-        })
-        .collect()
 }
 
 /// Lines the echo app on the echo pod's protected port printed for requests to `path`.
