@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod cni;
 pub mod config;
 pub mod explain;
 pub mod netns;
