@@ -18,7 +18,8 @@ use crate::{
 /// `namespace/name`) to `url`.
 pub fn explain(config: &Config, pods: &[Pod], from: &str, url: &str) -> anyhow::Result<String> {
     let source = find_pod(pods, from)?;
-    let url = url::Url::parse(url).with_context(|| format!("{url:?} is not a URL such as http://10.0.0.3:8080/api"))?;
+    let url = url::Url::parse(url)
+        .with_context(|| format!("{url:?} is not a URL such as http://10.0.0.3:8080/api"))?;
     let host = url.host_str().context("the URL has no host")?;
     let port = url
         .port_or_known_default()
@@ -88,15 +89,38 @@ pub fn explain(config: &Config, pods: &[Pod], from: &str, url: &str) -> anyhow::
         return Ok(out);
     };
     writeln!(out, "  validator: {}", settings.plugin_id)?;
-    writeln!(out, "  required scopes: {}", list(&settings.required_scopes, "(none)"))?;
-    let clients: Vec<String> = settings.allowed_client_ids.iter().map(|c| c.0.clone()).collect();
+    writeln!(
+        out,
+        "  required scopes: {}",
+        list(&settings.required_scopes, "(none)")
+    )?;
+    let clients: Vec<String> = settings
+        .allowed_client_ids
+        .iter()
+        .map(|c| c.0.clone())
+        .collect();
     writeln!(out, "  allowed client ids: {}", list(&clients, "(any)"))?;
-    let networks: Vec<String> = settings.allowed_cidrs.iter().map(ToString::to_string).collect();
-    writeln!(out, "  allowed source networks: {}", list(&networks, "(any)"))?;
+    let networks: Vec<String> = settings
+        .allowed_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    writeln!(
+        out,
+        "  allowed source networks: {}",
+        list(&networks, "(any)")
+    )?;
     let source_ip = IpAddr::from(source.ip);
-    let source_allowed =
-        settings.allowed_cidrs.is_empty() || settings.allowed_cidrs.iter().any(|n| n.contains(&source_ip));
-    let verdict = if source_allowed { "allowed" } else { "REJECTED with 403 source_ip_not_allowed" };
+    let source_allowed = settings.allowed_cidrs.is_empty()
+        || settings
+            .allowed_cidrs
+            .iter()
+            .any(|n| n.contains(&source_ip));
+    let verdict = if source_allowed {
+        "allowed"
+    } else {
+        "REJECTED with 403 source_ip_not_allowed"
+    };
     writeln!(out, "  source address {source_ip}: {verdict}")?;
     Ok(out)
 }
@@ -121,7 +145,12 @@ fn find_pod<'p>(pods: &'p [Pod], name: &str) -> anyhow::Result<&'p Pod> {
 
 fn describe_rule(out: &mut String, policy: &Policy, target: &Target<'_>) -> std::fmt::Result {
     match policy.rule_for(target) {
-        Some(rule) => writeln!(out, "  rule: urls[{}] {:?} matches (first match wins)", rule.index, rule.pattern.to_string()),
+        Some(rule) => writeln!(
+            out,
+            "  rule: urls[{}] {:?} matches (first match wins)",
+            rule.index,
+            rule.pattern.to_string()
+        ),
         None => writeln!(out, "  rule: none matches; plugins apply as defined"),
     }
 }
@@ -135,7 +164,11 @@ fn describe_creator(
             let credentials = &settings.credentials;
             writeln!(out, "  token creator: {}", settings.plugin_id)?;
             writeln!(out, "  client id: {}", credentials.client_id)?;
-            writeln!(out, "  scopes requested: {}", list(&credentials.scopes, "(none: the client's default scopes)"))?;
+            writeln!(
+                out,
+                "  scopes requested: {}",
+                list(&credentials.scopes, "(none: the client's default scopes)")
+            )?;
             writeln!(out, "  token header: {}", settings.header.name)
         }
         None => writeln!(
@@ -146,7 +179,11 @@ fn describe_creator(
 }
 
 fn list(items: &[String], empty: &str) -> String {
-    if items.is_empty() { empty.to_string() } else { items.join(", ") }
+    if items.is_empty() {
+        empty.to_string()
+    } else {
+        items.join(", ")
+    }
 }
 
 #[cfg(test)]
@@ -206,7 +243,11 @@ urls:
     fn setup() -> (Config, Vec<Pod>) {
         let env = |_: &str| Some("s".to_string());
         let config = Config::parse(CONFIG, Path::new("/etc/agent.yaml"), &env).unwrap();
-        let pods = vec![pod("frontend", [10, 0, 0, 2]), pod("echo", [10, 0, 0, 3]), pod("other", [10, 0, 0, 4])];
+        let pods = vec![
+            pod("frontend", [10, 0, 0, 2]),
+            pod("echo", [10, 0, 0, 3]),
+            pod("other", [10, 0, 0, 4]),
+        ];
         (config, pods)
     }
 
@@ -223,11 +264,23 @@ urls:
     fn rule_and_source_explained() {
         let (config, pods) = setup();
         let text = explain(&config, &pods, "shop/other", "http://echo:8080/healthz").unwrap();
-        assert!(text.contains("rule: urls[0] \"*/healthz\" matches"), "{text}");
-        assert!(text.contains("no enabled token-validator selects shop/echo"), "{text}");
-        assert!(text.contains("no enabled token-creator selects this pod"), "{text}");
+        assert!(
+            text.contains("rule: urls[0] \"*/healthz\" matches"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no enabled token-validator selects shop/echo"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no enabled token-creator selects this pod"),
+            "{text}"
+        );
         let text = explain(&config, &pods, "other", "http://10.0.0.3:8080/api").unwrap();
-        assert!(text.contains("REJECTED with 403 source_ip_not_allowed"), "{text}");
+        assert!(
+            text.contains("REJECTED with 403 source_ip_not_allowed"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -242,7 +295,10 @@ urls:
     fn uncaught_port_and_unknown_pod() {
         let (config, pods) = setup();
         let text = explain(&config, &pods, "frontend", "http://10.0.0.3:9090/").unwrap();
-        assert!(text.contains("port 9090 is not in steering.intercept_ports"), "{text}");
+        assert!(
+            text.contains("port 9090 is not in steering.intercept_ports"),
+            "{text}"
+        );
         let error = explain(&config, &pods, "ghost", "http://10.0.0.3:8080/").unwrap_err();
         assert!(error.to_string().contains("no pod \"ghost\""), "{error}");
     }

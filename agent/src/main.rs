@@ -52,7 +52,12 @@ enum Command {
     Uninstall {
         /// A configuration file; only its `steering.bpffs_dir` is read, so secrets and
         /// environment variables it references need not exist here.
-        #[arg(long, short, required_unless_present = "bpffs_dir", conflicts_with = "bpffs_dir")]
+        #[arg(
+            long,
+            short,
+            required_unless_present = "bpffs_dir",
+            conflicts_with = "bpffs_dir"
+        )]
         config: Option<PathBuf>,
         /// The pin folder to clean, instead of reading it from a configuration file.
         #[arg(long)]

@@ -1,4 +1,4 @@
-//! `tokenmesh-cni`: a chained CNI plugin that holds each new pod sandbox until the
+//! `tokenmesh-cni`: a chained CNI plugin that delays each new pod sandbox until the
 //! tokenmesh agent of the node has steered the pod. The container runtime runs it with
 //! the `CNI_*` environment variables and the network configuration on stdin.
 

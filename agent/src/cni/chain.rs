@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use super::PLUGIN_TYPE;
 
-/// Where the plugin goes on the node.
+/// The plugin's place on the node: configuration folder, plugin folder and entry values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
     /// The node's CNI configuration folder, usually `/etc/cni/net.d`.
@@ -69,7 +69,7 @@ pub enum Ensured {
 }
 
 impl Chain {
-    /// The plugin's entry in the `plugins` list.
+    /// Builds the plugin's entry for the `plugins` list.
     fn entry(&self) -> Value {
         json!({
             "type": PLUGIN_TYPE,
@@ -84,6 +84,7 @@ impl Chain {
         if let Some(bin_dir) = &self.bin_dir {
             install_binary(&self.plugin_binary, &bin_dir.join(PLUGIN_TYPE))?;
         }
+
         let path = primary_config(&self.conf_dir)?;
         let text = fs::read_to_string(&path).map_err(io_error("read", &path))?;
         let mut conf = parse_object(&path, &text)?;
@@ -93,6 +94,7 @@ impl Chain {
             conf = as_list(conf);
             (path.with_extension("conflist"), true)
         };
+
         let plugins = plugins_mut(&path, &mut conf)?;
         let entry = self.entry();
         let existing = plugins
@@ -108,6 +110,7 @@ impl Chain {
             }
             None => plugins.push(entry),
         }
+
         write_atomically(&target, &to_pretty(&conf), 0o644)?;
         if converted {
             fs::remove_file(&path).map_err(io_error("remove", &path))?;
@@ -146,7 +149,7 @@ pub fn remove(conf_dir: &Path, bin_dir: Option<&Path>) -> Result<Vec<PathBuf>, C
     Ok(changed)
 }
 
-/// The configuration file the runtime uses: the first in lexical order.
+/// Returns the configuration file the runtime uses, the first in lexical order.
 pub fn primary_config(conf_dir: &Path) -> Result<PathBuf, ChainError> {
     config_files(conf_dir)?
         .into_iter()
@@ -194,7 +197,7 @@ fn plugins_mut<'a>(
     }
 }
 
-/// Turns a single-plugin configuration into a list that holds it.
+/// Wraps a single-plugin configuration in a list with that one plugin.
 fn as_list(mut conf: Map<String, Value>) -> Map<String, Value> {
     let mut list = Map::new();
     for key in ["cniVersion", "name"] {
@@ -307,7 +310,10 @@ mod tests {
 
         assert_eq!(chain.ensure().unwrap(), Ensured::Written(list.clone()));
         let plugins = read_json(&list)["plugins"].as_array().unwrap().clone();
-        let types: Vec<&str> = plugins.iter().map(|p| p["type"].as_str().unwrap()).collect();
+        let types: Vec<&str> = plugins
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
         assert_eq!(types, ["bridge", "portmap", "bandwidth", "tokenmesh-cni"]);
     }
 
@@ -364,7 +370,10 @@ mod tests {
 
         let changed = remove(&chain.conf_dir, chain.bin_dir.as_deref()).unwrap();
         assert_eq!(changed, vec![list.clone()]);
-        assert_eq!(read_json(&list), serde_json::from_str::<Value>(BRIDGE).unwrap());
+        assert_eq!(
+            read_json(&list),
+            serde_json::from_str::<Value>(BRIDGE).unwrap()
+        );
         assert!(!chain.bin_dir.unwrap().join("tokenmesh-cni").exists());
         assert!(remove(&chain.conf_dir, None).unwrap().is_empty());
     }

@@ -11,9 +11,10 @@
 pub mod chain;
 pub mod plugin;
 pub mod protocol;
+pub mod server;
 
 /// The `type` of the plugin in a CNI configuration, and the binary's file name.
 pub const PLUGIN_TYPE: &str = "tokenmesh-cni";
 
-/// Where the agent listens for the plugin unless configured otherwise.
+/// The agent's socket for the plugin unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/run/tokenmesh/cni.sock";

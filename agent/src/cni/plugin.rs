@@ -21,7 +21,7 @@ use super::{
 /// CNI versions whose result format (`ips`, `interfaces`) the plugin reads.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
-/// How long the agent may take to steer a new pod unless `timeout_seconds` says otherwise.
+/// The time the agent may take to steer a new pod, unless `timeout_seconds` is set.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// DEL and STATUS need no work from the agent beyond a map update.
 const SHORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,7 +54,7 @@ fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
 }
 
-/// What the plugin prints and whether it exits with success.
+/// The plugin's stdout and exit status.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Output {
     pub stdout: String,
@@ -251,7 +251,7 @@ fn required(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<String, 
     })
 }
 
-/// The first IPv4 address of a CNI 0.3+ result: `ips[].address` in CIDR form.
+/// Returns the first IPv4 address of a CNI 0.3+ result, from `ips[].address` in CIDR form.
 fn first_ipv4(result: &Value) -> Option<Ipv4Addr> {
     result["ips"]
         .as_array()?
@@ -334,7 +334,10 @@ mod tests {
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "abc"),
             ("CNI_NETNS", "/var/run/netns/cni-1"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0",
+            ),
         ]);
         let error = error_of(&run(&env, &conf(&socket)));
         assert_eq!(error["code"], TRY_AGAIN_LATER);

@@ -82,7 +82,11 @@ impl Walker {
             }
             Some(Frame::Mapping { key, .. }) => {
                 let name = key.take()?;
-                Some(if parent.is_empty() { name } else { format!("{parent}.{name}") })
+                Some(if parent.is_empty() {
+                    name
+                } else {
+                    format!("{parent}.{name}")
+                })
             }
         }
     }
@@ -167,7 +171,9 @@ plugins:
     #[test]
     fn missing_key_falls_back_to_parent() {
         let locations = Locations::of(TEXT);
-        let missing = locations.find("plugins[1].parameters.client_secret").unwrap();
+        let missing = locations
+            .find("plugins[1].parameters.client_secret")
+            .unwrap();
         assert_eq!((missing.line, missing.column), (8, 5));
     }
 }

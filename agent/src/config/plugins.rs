@@ -20,8 +20,8 @@ use super::{Problems, secret::Secret};
 use crate::{
     oauth::{
         ClientAuthMethod, ClientId,
-        introspect::{CachePolicy, IntrospectionEndpoint},
         assertion::SigningAlgorithm,
+        introspect::{CachePolicy, IntrospectionEndpoint},
         jwks::KeySource,
         jwt::JwtSettings,
         token::{ClientCredentials, TokenEndpointAuthMethod},
@@ -430,7 +430,6 @@ impl Checker<'_> {
         self.required(field, value)
             .map(|id| ClientId(id.to_string()))
     }
-
 }
 
 /// Parses `10.0.0.0/24`, or a bare address as a single-host network.

@@ -124,8 +124,7 @@ fn merged_settings(
     for (name, value) in overlay.as_mapping().into_iter().flatten() {
         merged.insert(name.clone(), value.clone());
     }
-    let parameters: Parameters = match serde_yaml::from_value(serde_yaml::Value::Mapping(merged))
-    {
+    let parameters: Parameters = match serde_yaml::from_value(serde_yaml::Value::Mapping(merged)) {
         Ok(parameters) => parameters,
         Err(e) => {
             problems.push(format!("{key}.parameters"), e.to_string());

@@ -96,7 +96,10 @@ fn unknown_key_names_line() {
         "{found:?}"
     );
     assert_eq!(found[0].location.map(|at| at.line), Some(7), "{found:?}");
-    assert!(!found[0].message.contains(" at line "), "location printed twice: {found:?}");
+    assert!(
+        !found[0].message.contains(" at line "),
+        "location printed twice: {found:?}"
+    );
 }
 
 #[test]
@@ -150,8 +153,14 @@ fn every_problem_reported_at_once() {
         "{shown}"
     );
     assert!(shown.contains("UNSET_VAR"), "{shown}");
-    assert!(shown.contains("  - line 5 column 3: steering.outbound_port"), "{shown}");
-    assert!(shown.contains("  - line 15 column 23: plugins[0].parameters.token_endpoint"), "{shown}");
+    assert!(
+        shown.contains("  - line 5 column 3: steering.outbound_port"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  - line 15 column 23: plugins[0].parameters.token_endpoint"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -187,7 +196,11 @@ fn jwt_format_rejects_introspection_fields() {
     let found = problems(&text);
     assert_eq!(found[0].key, "plugins[1].parameters.introspection_url");
     assert!(found[0].message.contains("only with token_format: opaque"));
-    assert!(found.iter().any(|p| p.key == "plugins[1].parameters.issuer"));
+    assert!(
+        found
+            .iter()
+            .any(|p| p.key == "plugins[1].parameters.issuer")
+    );
 }
 
 #[test]
@@ -277,7 +290,11 @@ fn workloads_without_source_rejected() {
     let found = problems(&text);
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].key, "workloads");
-    assert!(found[0].message.contains("names no source"), "{}", found[0].message);
+    assert!(
+        found[0].message.contains("names no source"),
+        "{}",
+        found[0].message
+    );
 }
 
 #[test]
@@ -291,7 +308,9 @@ fn kubernetes_problems_carry_keys() {
     let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(
         keys,
-        ["workloads.kubernetes.node_name", "workloads.kubernetes.resolve_retry"]
+        [
+            "workloads.kubernetes.node_name",
+            "workloads.kubernetes.resolve_retry"
+        ]
     );
 }
-

@@ -102,16 +102,35 @@ fn rule_precedence_table() {
     // (path, rule index, validator id, required scopes)
     let cases: &[(&str, Option<usize>, Option<&str>, &[&str])] = &[
         ("/healthz", Some(0), None, &[]),
-        ("/api/admin/users", Some(1), Some("echo-validator"), &["read"]),
-        ("/api/orders", Some(2), Some("echo-validator"), &["read", "write"]),
-        ("/api/admin/never", Some(1), Some("echo-validator"), &["read"]),
+        (
+            "/api/admin/users",
+            Some(1),
+            Some("echo-validator"),
+            &["read"],
+        ),
+        (
+            "/api/orders",
+            Some(2),
+            Some("echo-validator"),
+            &["read", "write"],
+        ),
+        (
+            "/api/admin/never",
+            Some(1),
+            Some("echo-validator"),
+            &["read"],
+        ),
         ("/other", None, Some("echo-validator"), &["read"]),
     ];
     for (path, rule, id, scopes) in cases {
         let selection = policy.validator_for(&echo, &target(path));
         assert_eq!(selection.rule, *rule, "{path}");
         let settings = selection.settings;
-        assert_eq!(settings.as_ref().map(|s| s.plugin_id.as_str()), *id, "{path}");
+        assert_eq!(
+            settings.as_ref().map(|s| s.plugin_id.as_str()),
+            *id,
+            "{path}"
+        );
         if let Some(settings) = settings {
             assert_eq!(settings.required_scopes, *scopes, "{path}");
         }
@@ -124,8 +143,16 @@ fn disabled_plugin_enabled_by_rule() {
     // The strict validator selects every pod but is off unless a rule enables it. The
     // echo validator comes first for echo, so another pod is used to reach the strict one.
     let other = pod("other", "other", &[]);
-    assert!(policy.validator_for(&other, &target("/x")).settings.is_none());
-    let strict = policy.validator_for(&other, &target("/api/admin/x")).settings.unwrap();
+    assert!(
+        policy
+            .validator_for(&other, &target("/x"))
+            .settings
+            .is_none()
+    );
+    let strict = policy
+        .validator_for(&other, &target("/api/admin/x"))
+        .settings
+        .unwrap();
     assert_eq!(strict.plugin_id, "strict-validator");
     assert_eq!(strict.required_scopes, ["admin"]);
 }
@@ -134,9 +161,15 @@ fn disabled_plugin_enabled_by_rule() {
 fn rule_overrides_creator_parameters() {
     let policy = policy(CONFIG);
     let frontend = pod("frontend", "frontend", &[]);
-    let plain = policy.creator_for(&frontend, &target("/api/orders")).settings.unwrap();
+    let plain = policy
+        .creator_for(&frontend, &target("/api/orders"))
+        .settings
+        .unwrap();
     assert_eq!(plain.credentials.scopes, ["read"]);
-    let admin = policy.creator_for(&frontend, &target("/api/admin/x")).settings.unwrap();
+    let admin = policy
+        .creator_for(&frontend, &target("/api/admin/x"))
+        .settings
+        .unwrap();
     assert_eq!(admin.credentials.scopes, ["admin"]);
     assert_eq!(admin.credentials.client_id.0, "frontend");
 }
@@ -145,10 +178,18 @@ fn rule_overrides_creator_parameters() {
 fn labels_select_plugin() {
     let policy = policy(CONFIG);
     let payments = pod("pay", "pay", &[("team", "payments"), ("tier", "web")]);
-    let creator = policy.creator_for(&payments, &target("/")).settings.unwrap();
+    let creator = policy
+        .creator_for(&payments, &target("/"))
+        .settings
+        .unwrap();
     assert_eq!(creator.plugin_id, "labelled-token");
     let unlabelled = pod("pay", "pay", &[("team", "search")]);
-    assert!(policy.creator_for(&unlabelled, &target("/")).settings.is_none());
+    assert!(
+        policy
+            .creator_for(&unlabelled, &target("/"))
+            .settings
+            .is_none()
+    );
 }
 
 #[test]
@@ -178,7 +219,11 @@ fn unknown_rule_parameter_has_location() {
     assert_eq!(error.problems.len(), 1);
     let message = &error.problems[0].message;
     assert!(message.contains("unknown field `colour`"), "{message}");
-    assert_eq!(error.problems[0].location.map(|at| at.line), Some(46), "{message}");
+    assert_eq!(
+        error.problems[0].location.map(|at| at.line),
+        Some(46),
+        "{message}"
+    );
 }
 
 #[test]
@@ -196,7 +241,12 @@ fn credentials_annotation_narrows_creators() {
     // A plugin whose selector does not match the pod cannot be chosen.
     let mut unlabelled = pod("front", "frontend", &[]);
     unlabelled.credentials = Some("labelled-token".into());
-    assert!(policy.creator_for(&unlabelled, &target("/")).settings.is_none());
+    assert!(
+        policy
+            .creator_for(&unlabelled, &target("/"))
+            .settings
+            .is_none()
+    );
 
     // The annotation does not change which validator applies.
     let mut echo = pod("echo", "echo", &[]);

@@ -4,8 +4,8 @@ mod kubernetes;
 mod pods;
 mod reload;
 
-pub use pods::{Changes, PodSet};
 use kubernetes::KubePods;
+pub use pods::{Changes, PodSet};
 use reload::Reloader;
 
 use std::{
@@ -104,21 +104,36 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
         tasks: TaskTracker::new(),
     });
 
-    let kube_pods = KubePods::start(&config, &cgroup_mount, shutdown.clone()).await;
+    let (outcomes, outcomes_receiver) = tokio::sync::watch::channel(Default::default());
+    let kube_pods =
+        KubePods::start(&config, &cgroup_mount, outcomes_receiver, shutdown.clone()).await;
     let kube_pods = match kube_pods {
         Ok(kube_pods) => kube_pods,
         Err(e) => {
             shutdown.cancel();
-            stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
+            stop(
+                shared,
+                steering,
+                config.steering.on_exit,
+                &config.steering.bpffs_dir,
+            )
+            .await;
             return Err(e);
         }
     };
     let ports = (config.steering.outbound_port, config.steering.inbound_port);
     let mut pod_set = PodSet::default();
     let changes = pod_set.reconcile(&shared, pods.clone(), ports).await;
+    outcomes.send_replace(pod_set.outcomes());
     if changes.failed > 0 {
         shutdown.cancel();
-        stop(shared, steering, config.steering.on_exit, &config.steering.bpffs_dir).await;
+        stop(
+            shared,
+            steering,
+            config.steering.on_exit,
+            &config.steering.bpffs_dir,
+        )
+        .await;
         anyhow::bail!(
             "{} pod(s) could not be enrolled (see the errors above); refusing to start with pods whose traffic would not be checked",
             changes.failed
@@ -133,15 +148,31 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
     let mut sources = Sources {
         file_pods: pods,
         kube_pods,
+        outcomes,
     };
-    let result =
-        serve_until_signal(&shared, &mut pod_set, &mut reloader, &mut sources, &readiness, ports)
-            .await;
+    let result = serve_until_signal(
+        &shared,
+        &mut pod_set,
+        &mut reloader,
+        &mut sources,
+        &readiness,
+        ports,
+    )
+    .await;
     tracing::info!("starting shutdown");
     readiness.set(false);
     shutdown.cancel();
     let steering_settings = &reloader.current().steering;
-    stop(shared, steering, steering_settings.on_exit, &steering_settings.bpffs_dir).await;
+    stop(
+        shared,
+        steering,
+        steering_settings.on_exit,
+        &steering_settings.bpffs_dir,
+    )
+    .await;
+    if steering_settings.on_exit == OnExit::Detach {
+        remove_cni_chain(reloader.current());
+    }
     let _ = admin_task.await;
     tracing::info!("shutdown complete");
     result
@@ -151,7 +182,11 @@ pub async fn run(config: Config, env: Env) -> anyhow::Result<()> {
 /// IPv4 address, so pods' own calls to the provider are never steered into the agent.
 pub fn excluded_networks(config: &Config) -> Vec<Ipv4Net> {
     let mut networks = config.steering.exclude_cidrs.clone();
-    for url in config.plugins.iter().flat_map(|plugin| plugin.kind.endpoints()) {
+    for url in config
+        .plugins
+        .iter()
+        .flat_map(|plugin| plugin.kind.endpoints())
+    {
         let host = url::Url::parse(url)
             .ok()
             .and_then(|url| url.host_str().map(str::to_string));
@@ -166,10 +201,33 @@ pub fn excluded_networks(config: &Config) -> Vec<Ipv4Net> {
     networks
 }
 
-/// The pods of the workloads file and of the Kubernetes API, reconciled together.
+/// Removes the plugin from the node's CNI configuration, so new pods no longer wait for
+/// an agent.
+fn remove_cni_chain(config: &Config) {
+    let chain = config
+        .kubernetes
+        .as_ref()
+        .and_then(|kubernetes| kubernetes.cni.as_ref())
+        .and_then(|cni| cni.chain.as_ref());
+    let Some(chain) = chain else {
+        return;
+    };
+    match crate::cni::chain::remove(&chain.conf_dir, chain.bin_dir.as_deref()) {
+        Ok(files) => {
+            tracing::info!(files = ?files, "tokenmesh-cni removed from the node's CNI configuration")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "failed to remove tokenmesh-cni from the node's CNI configuration; new pods fail to start until it is removed")
+        }
+    }
+}
+
+/// The pods of the workloads file and of the Kubernetes API, reconciled together, and
+/// the outcome of the last reconciliation for the CNI plugin.
 struct Sources {
     file_pods: Vec<Pod>,
     kube_pods: KubePods,
+    outcomes: tokio::sync::watch::Sender<crate::cni::server::PodOutcomes>,
 }
 
 /// Handles reload triggers and Kubernetes pod changes until SIGINT or SIGTERM arrives.
@@ -199,6 +257,7 @@ async fn serve_until_signal(
             _ = sources.kube_pods.changed() => {
                 let desired = sources.kube_pods.merge(&sources.file_pods);
                 let changes = pod_set.reconcile(shared, desired, ports).await;
+                sources.outcomes.send_replace(pod_set.outcomes());
                 readiness.set(changes.failed == 0);
                 tracing::info!(
                     pods.added = changes.added,
@@ -226,6 +285,7 @@ async fn serve_until_signal(
         sources.file_pods = pods;
         let desired = sources.kube_pods.merge(&sources.file_pods);
         let changes = pod_set.reconcile(shared, desired, ports).await;
+        sources.outcomes.send_replace(pod_set.outcomes());
         readiness.set(changes.failed == 0 && sources.kube_pods.listed());
         tracing::info!(
             trigger,
@@ -271,4 +331,3 @@ async fn stop(shared: Arc<Shared>, steering: Arc<Steering>, on_exit: OnExit, bpf
         Err(e) => tracing::error!(error = %e, "failed to shut down steering"),
     }
 }
-

@@ -7,6 +7,7 @@ use std::{
 };
 
 use crate::{
+    cni::server::{PodOutcome, PodOutcomes},
     proxy::{self, PodHandle, Shared},
     workloads::{Pod, PodIdentity},
 };
@@ -15,6 +16,8 @@ use crate::{
 #[derive(Default)]
 pub struct PodSet {
     running: BTreeMap<PodIdentity, PodHandle>,
+    /// Pods the last reconciliation failed to start, with the error.
+    failed: BTreeMap<PodIdentity, PodOutcome>,
 }
 
 /// Counts of the changes one reconciliation made.
@@ -67,10 +70,12 @@ impl PodSet {
             }
         }
 
+        self.failed.clear();
         for (identity, pod) in desired {
             if self.running.contains_key(&identity) {
                 continue;
             }
+            let netns = pod.netns.clone();
             match proxy::start_pod(shared, pod, ports.0, ports.1).await {
                 Ok(handle) => {
                     changes.added += 1;
@@ -79,12 +84,27 @@ impl PodSet {
                 Err(e) => {
                     changes.failed += 1;
                     tracing::error!(pod = %identity, error = %e, "failed to enrol pod");
+                    let error = Some(e.to_string());
+                    self.failed.insert(identity, PodOutcome { netns, error });
                 }
             }
         }
         // A replaced pod counts once, as replaced.
         changes.added -= changes.replaced.min(changes.added);
         changes
+    }
+
+    /// Lists the running pods and the pods the last reconciliation failed to start.
+    pub fn outcomes(&self) -> PodOutcomes {
+        let mut outcomes = self.failed.clone();
+        for (identity, handle) in &self.running {
+            let outcome = PodOutcome {
+                netns: handle.pod().netns.clone(),
+                error: None,
+            };
+            outcomes.insert(identity.clone(), outcome);
+        }
+        outcomes
     }
 
     pub fn len(&self) -> usize {

@@ -60,7 +60,9 @@ pub enum SteeringError {
         cgroup2_mount: Option<PathBuf>,
     },
 
-    #[error("cannot find the agent's own cgroup v2 folder: {detail}; check that cgroup v2 is mounted")]
+    #[error(
+        "cannot find the agent's own cgroup v2 folder: {detail}; check that cgroup v2 is mounted"
+    )]
     OwnCgroup { detail: String },
     #[error("{count} intercept and exclude networks configured, the maximum is {max}")]
     TooManyNetworks { count: usize, max: u32 },

@@ -25,7 +25,6 @@ use std::{
     sync::Mutex,
 };
 
-use ipnet::Ipv4Net;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError},
@@ -34,9 +33,10 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
+use ipnet::Ipv4Net;
 use tokenmesh_ebpf::{
-    ConnKey, MAX_INTERCEPT_NETS, MAX_INTERCEPT_PORTS, OriginalDst, PROGRAM_CONNECT4, PROGRAM_SK_LOOKUP,
-    PROGRAM_SOCKOPS, PodSteering,
+    ConnKey, MAX_INTERCEPT_NETS, MAX_INTERCEPT_PORTS, OriginalDst, PROGRAM_CONNECT4,
+    PROGRAM_SK_LOOKUP, PROGRAM_SOCKOPS, PodSteering,
 };
 
 pub use error::SteeringError;

@@ -32,8 +32,10 @@ pub fn cgroup2_mount() -> Result<PathBuf, SteeringError> {
 /// The cgroup v2 id of this process's cgroup: the inode number of its folder, which is
 /// what `bpf_get_current_cgroup_id` returns.
 pub(super) fn own_cgroup_id() -> Result<u64, SteeringError> {
-    let membership = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|error| SteeringError::OwnCgroup { detail: error.to_string() })?;
+    let membership =
+        std::fs::read_to_string("/proc/self/cgroup").map_err(|error| SteeringError::OwnCgroup {
+            detail: error.to_string(),
+        })?;
     // The cgroup v2 line has hierarchy id 0 and no controller list: `0::/path`.
     let path = membership
         .lines()

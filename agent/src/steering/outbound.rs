@@ -15,7 +15,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use tokenmesh_ebpf::{
-    ConnKey, MAP_AGENT_CGROUP, MAP_INTERCEPT_NETS, MAP_INTERCEPT_PORTS, MAP_PODS, PodSteering, PortPolicy,
+    ConnKey, MAP_AGENT_CGROUP, MAP_INTERCEPT_NETS, MAP_INTERCEPT_PORTS, MAP_PODS, PodSteering,
+    PortPolicy,
 };
 
 use super::{Steering, SteeringError, is_not_found, lock};
@@ -175,12 +176,15 @@ pub(super) fn sync_intercept_networks(
         entry,
         error,
     };
-    let mut trie: LpmTrie<&mut MapData, u32, PortPolicy> = LpmTrie::try_from(map).map_err(
-        |error| map_error("opening the map".to_string(), error),
-    )?;
+    let mut trie: LpmTrie<&mut MapData, u32, PortPolicy> =
+        LpmTrie::try_from(map).map_err(|error| map_error("opening the map".to_string(), error))?;
 
     let every = [Ipv4Net::default()];
-    let intercept = if intercept.is_empty() { &every[..] } else { intercept };
+    let intercept = if intercept.is_empty() {
+        &every[..]
+    } else {
+        intercept
+    };
     let mut wanted = BTreeMap::new();
     for net in intercept {
         wanted.insert(net.trunc(), 1u8);
@@ -200,8 +204,16 @@ pub(super) fn sync_intercept_networks(
 
     let mut stale = Vec::new();
     for key in trie.keys() {
-        let key = key.map_err(|error| map_error("listing networks pinned by an earlier run".to_string(), error))?;
-        let net = Ipv4Net::new(Ipv4Addr::from(key.data().to_ne_bytes()), key.prefix_len() as u8);
+        let key = key.map_err(|error| {
+            map_error(
+                "listing networks pinned by an earlier run".to_string(),
+                error,
+            )
+        })?;
+        let net = Ipv4Net::new(
+            Ipv4Addr::from(key.data().to_ne_bytes()),
+            key.prefix_len() as u8,
+        );
         match net {
             Ok(net) if wanted.contains_key(&net) => {}
             _ => stale.push(key),
@@ -238,7 +250,10 @@ pub(super) fn set_agent_cgroup(ebpf: &mut Ebpf, cgroup_id: u64) -> Result<(), St
 
 /// Builds the trie key of `net`: the address in network byte order, as `connect4` reads it.
 fn network_key(net: &Ipv4Net) -> Key<u32> {
-    Key::new(u32::from(net.prefix_len()), u32::from_ne_bytes(net.network().octets()))
+    Key::new(
+        u32::from(net.prefix_len()),
+        u32::from_ne_bytes(net.network().octets()),
+    )
 }
 
 /// Takes the hash map `name` out of `ebpf`, so it can live behind its own lock.

@@ -14,6 +14,7 @@ mod translate;
 
 use std::{
     collections::{HashMap, HashSet},
+    net::Ipv4Addr,
     path::PathBuf,
     pin::pin,
 };
@@ -24,10 +25,15 @@ use kube::{
     Api, Client,
     runtime::{WatchStreamExt, watcher},
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use settings::{KubernetesSettings, KubernetesSpec, ProbeExemptionSpec};
+use crate::cni::{
+    protocol::{Sandbox, SandboxRef},
+    server::{Decision, SandboxEvent},
+};
+
+pub use settings::{CniSettings, CniSpec, KubernetesSettings, KubernetesSpec, ProbeExemptionSpec};
 pub use translate::{CREDENTIALS_KEY, Candidate, ENABLED_KEY, PROTECTED_PORTS_KEY, Skip};
 
 use super::{
@@ -51,12 +57,15 @@ pub async fn default_client() -> Result<Client, KubeSourceError> {
 
 /// Watches the API server and keeps `sender` filled with the sorted set of enrolled pods,
 /// until `shutdown` is cancelled. `cgroup_mount` is the cgroup v2 mount. The channel contains
-/// `None` until the first complete listing.
+/// `None` until the first complete listing. `sandboxes` carries the new pod sandboxes the
+/// CNI plugin reports: an enrolled pod is steered from its sandbox's network namespace
+/// before the API shows it running.
 pub async fn run(
     client: Client,
     settings: KubernetesSettings,
     cgroup_mount: PathBuf,
     sender: watch::Sender<Option<Vec<Pod>>>,
+    mut sandboxes: Option<mpsc::Receiver<SandboxEvent>>,
     shutdown: CancellationToken,
 ) {
     let pods_api: Api<KubePod> = Api::all(client.clone());
@@ -94,12 +103,17 @@ pub async fn run(
                 Some(Err(e)) => log_watch_error("namespaces", &e),
                 None => break,
             },
+            event = next_sandbox_event(&mut sandboxes) => match event {
+                Some(event) => state.sandbox_event(event),
+                None => sandboxes = None,
+            },
             _ = retry.tick() => {
-                if state.pending.is_empty() {
+                if state.pending.is_empty() && state.waiting.is_empty() {
                     continue;
                 }
             },
         }
+        state.decide_waiting();
         if let Some(pods) = state.desired() {
             sender.send_if_modified(|current| {
                 if current.as_ref() == Some(&pods) {
@@ -112,6 +126,15 @@ pub async fn run(
         }
     }
     tracing::info!("Kubernetes watch stopped");
+}
+
+async fn next_sandbox_event(
+    receiver: &mut Option<mpsc::Receiver<SandboxEvent>>,
+) -> Option<SandboxEvent> {
+    match receiver {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn log_watch_error(resource: &str, error: &watcher::Error) {
@@ -170,6 +193,19 @@ struct Resolved {
     netns: PathBuf,
 }
 
+/// A pod sandbox the CNI plugin reported, for an enrolled pod.
+struct SandboxRecord {
+    container_id: String,
+    netns: PathBuf,
+    ip: Option<Ipv4Addr>,
+}
+
+/// A new sandbox whose pod the API has not shown yet.
+struct Waiting {
+    sandbox: Sandbox,
+    reply: oneshot::Sender<Decision>,
+}
+
 struct State {
     settings: KubernetesSettings,
     kubepods_root: PathBuf,
@@ -180,6 +216,9 @@ struct State {
     pending: HashSet<String>,
     /// Last skip reason logged per UID, so a reason is logged once, not on every event.
     skipped: HashMap<String, String>,
+    /// Sandboxes of enrolled pods by pod UID, from the CNI plugin.
+    sandboxes: HashMap<String, SandboxRecord>,
+    waiting: Vec<Waiting>,
 }
 
 impl State {
@@ -192,7 +231,124 @@ impl State {
             resolved: HashMap::new(),
             pending: HashSet::new(),
             skipped: HashMap::new(),
+            sandboxes: HashMap::new(),
+            waiting: Vec::new(),
         }
+    }
+
+    fn sandbox_event(&mut self, event: SandboxEvent) {
+        match event {
+            SandboxEvent::Add(sandbox, reply) => self.waiting.push(Waiting { sandbox, reply }),
+            SandboxEvent::Del(pod) => {
+                let uids: Vec<String> = self
+                    .sandboxes
+                    .iter()
+                    .filter(|(_, record)| record.container_id == pod.container_id)
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                for uid in uids {
+                    self.sandboxes.remove(&uid);
+                }
+            }
+        }
+    }
+
+    /// Decides about the new sandboxes whose pods the API now shows, and records those of
+    /// enrolled pods. A sandbox waits while its pod is not listed yet, and while the
+    /// kubelet has not yet reported the node addresses that its probe exemption needs.
+    fn decide_waiting(&mut self) {
+        if !self.pods.listed || !self.namespaces.listed {
+            return;
+        }
+        for waiting in std::mem::take(&mut self.waiting) {
+            if waiting.reply.is_closed() {
+                continue;
+            }
+            let Some((uid, object)) = self.find_pod(&waiting.sandbox.pod) else {
+                self.waiting.push(waiting);
+                continue;
+            };
+            let (uid, object) = (uid.clone(), object.clone());
+            let Some(decision) = self.decide(&uid, &object, &waiting.sandbox) else {
+                self.waiting.push(waiting);
+                continue;
+            };
+            let decision = match decision {
+                Decision::Steer { identity, .. } => {
+                    let netns = self.sandbox_netns(&uid, &waiting.sandbox.netns);
+                    let record = SandboxRecord {
+                        container_id: waiting.sandbox.pod.container_id.clone(),
+                        netns: netns.clone(),
+                        ip: waiting.sandbox.ip,
+                    };
+                    self.sandboxes.insert(uid, record);
+                    Decision::Steer { identity, netns }
+                }
+                other => other,
+            };
+            let _ = waiting.reply.send(decision);
+        }
+    }
+
+    /// Returns the path under which to steer a sandbox's namespace. A pod already steered from a
+    /// process's namespace (a CNI CHECK, or a pod the agent found before the sandbox was
+    /// reported) keeps that path, so its steering is not restarted for a new name.
+    fn sandbox_netns(&self, uid: &str, netns: &std::path::Path) -> PathBuf {
+        match self.resolved.get(uid) {
+            Some(known) if same_file(&known.netns, netns) => known.netns.clone(),
+            _ => netns.to_path_buf(),
+        }
+    }
+
+    fn find_pod(&self, pod: &SandboxRef) -> Option<(&String, &KubePod)> {
+        if let Some(uid) = &pod.uid {
+            return self.pods.objects.get_key_value(uid);
+        }
+        self.pods.objects.iter().find(|(_, object)| {
+            object.metadata.namespace.as_deref() == Some(pod.namespace.as_str())
+                && object.metadata.name.as_deref() == Some(pod.name.as_str())
+        })
+    }
+
+    /// Decides about a new sandbox of `object`; `None` means wait for more facts.
+    fn decide(&self, uid: &str, object: &KubePod, sandbox: &Sandbox) -> Option<Decision> {
+        let namespace = object.metadata.namespace.clone().unwrap_or_default();
+        let candidate = translate::candidate(
+            object,
+            self.namespaces.objects.contains_key(&namespace),
+            self.settings.probe_exemption,
+            &self.settings.probe_extra_sources,
+            sandbox.ip,
+        );
+        let decision = match candidate {
+            Ok(candidate) => {
+                let has_host_ips = object
+                    .status
+                    .as_ref()
+                    .and_then(|status| status.host_ips.as_ref())
+                    .is_some_and(|ips| !ips.is_empty());
+                if self.settings.probe_exemption
+                    && !candidate.probe_exemption.ports.is_empty()
+                    && !has_host_ips
+                {
+                    // The exemption would change once status.hostIPs arrives, and
+                    // restarting the pod's steering then would leave a gap.
+                    return None;
+                }
+                Decision::Steer {
+                    identity: candidate.identity,
+                    netns: sandbox.netns.clone(),
+                }
+            }
+            Err(Skip::NotRunning(phase)) if sandbox.ip.is_none() && phase_may_run(&phase) => {
+                Decision::Reject(
+                    "the CNI result has no IPv4 address, and tokenmesh steers IPv4 only".into(),
+                )
+            }
+            Err(Skip::Invalid(reason)) => Decision::Reject(format!("pod {uid} {reason}")),
+            Err(skip) => Decision::Skip(format!("pod {skip}")),
+        };
+        Some(decision)
     }
 
     /// Returns the enrolled, resolved pods, or `None` until both initial listings completed.
@@ -205,11 +361,13 @@ impl State {
         for (uid, object) in &self.pods.objects {
             let namespace = object.metadata.namespace.clone().unwrap_or_default();
             let namespace_enrolled = self.namespaces.objects.contains_key(&namespace);
+            let sandbox_ip = self.sandboxes.get(uid).and_then(|sandbox| sandbox.ip);
             let candidate = match translate::candidate(
                 object,
                 namespace_enrolled,
                 self.settings.probe_exemption,
                 &self.settings.probe_extra_sources,
+                sandbox_ip,
             ) {
                 Ok(candidate) => candidate,
                 Err(skip) => {
@@ -241,6 +399,8 @@ impl State {
         }
         self.resolved
             .retain(|uid, _| self.pods.objects.contains_key(uid));
+        self.sandboxes
+            .retain(|uid, _| self.pods.objects.contains_key(uid));
         self.pending = pending;
         self.skipped = skipped;
         desired.sort_by(|a, b| a.identity.cmp(&b.identity));
@@ -248,24 +408,58 @@ impl State {
     }
 
     fn resolve(&mut self, candidate: &Candidate) -> Result<Resolved, ResolveError> {
+        // The sandbox's namespace path stays valid as long as the sandbox, and it exists
+        // before any process of the pod does.
+        let sandbox_netns = self
+            .sandboxes
+            .get(&candidate.uid)
+            .map(|sandbox| sandbox.netns.clone());
+        if let Some(netns) = sandbox_netns {
+            if netns.exists() {
+                let cgroup = self.pod_cgroup(candidate)?;
+                return Ok(Resolved { cgroup, netns });
+            }
+            tracing::info!(pod = %candidate.identity, netns = %netns.display(), "pod sandbox's network namespace is gone; looking up the pod's processes");
+            self.sandboxes.remove(&candidate.uid);
+        }
         if let Some(known) = self.resolved.get(&candidate.uid) {
             // The namespace path names a process; once it exits, look up another one.
             if known.netns.exists() && known.cgroup.is_dir() {
                 return Ok(known.clone());
             }
         }
-        let (cgroup, _driver) = cgroups::find_pod_cgroup(
-            &self.kubepods_root,
-            self.settings.cgroup_driver,
-            candidate.qos,
-            &candidate.uid,
-        )?;
+        let cgroup = self.pod_cgroup(candidate)?;
         let netns = cgroups::find_pod_netns(&cgroup, &self.settings.proc_path)?;
         let resolved = Resolved { cgroup, netns };
         self.resolved
             .insert(candidate.uid.clone(), resolved.clone());
         Ok(resolved)
     }
+
+    fn pod_cgroup(&self, candidate: &Candidate) -> Result<PathBuf, ResolveError> {
+        let (cgroup, _driver) = cgroups::find_pod_cgroup(
+            &self.kubepods_root,
+            self.settings.cgroup_driver,
+            candidate.qos,
+            &candidate.uid,
+        )?;
+        Ok(cgroup)
+    }
+}
+
+/// True when both paths name the same inode, such as one network namespace reached
+/// through `/proc/PID/ns/net` and through a bind mount under `/var/run/netns`.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Phases in which a pod's containers start or run.
+fn phase_may_run(phase: &str) -> bool {
+    matches!(phase, "" | "Pending" | "Running")
 }
 
 fn discovered(candidate: Candidate, resolved: Resolved) -> Pod {

@@ -30,6 +30,33 @@ pub fn fixture(name: &str) -> Result<String> {
     std::fs::read_to_string(&path).with_context(|| format!("failed to read {}", path.display()))
 }
 
+/// Routes of a node whose pods are the PodList `pods` and whose namespaces carry no
+/// enrolment label; both watches stay open with no events.
+pub fn node_routes(pods: String) -> Vec<Route> {
+    let namespaces = r#"{"kind":"NamespaceList","apiVersion":"v1","metadata":{"resourceVersion":"50"},"items":[]}"#;
+    let list = |path, reply| Route {
+        path,
+        watch: false,
+        version: None,
+        replies: vec![reply],
+    };
+    let idle_watch = |path| Route {
+        path,
+        watch: true,
+        version: None,
+        replies: vec![Reply::Idle],
+    };
+    vec![
+        list("/api/v1/pods", Reply::Document(pods)),
+        idle_watch("/api/v1/pods"),
+        list(
+            "/api/v1/namespaces",
+            Reply::Document(namespaces.to_string()),
+        ),
+        idle_watch("/api/v1/namespaces"),
+    ]
+}
+
 /// What the server sends for one request.
 #[derive(Clone)]
 pub enum Reply {

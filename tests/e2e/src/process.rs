@@ -200,3 +200,19 @@ fn connect_once(netns: Option<&Path>, addr: SocketAddr) -> Result<()> {
 fn create(path: &Path) -> Result<File> {
     File::create(path).with_context(|| format!("failed to create {}", path.display()))
 }
+
+/// Returns a TCP port on 127.0.0.1 that was free a moment ago, for a server the test starts.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Reads the agent's audit log at `path`: one JSON record a line; nothing when it is missing.
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}

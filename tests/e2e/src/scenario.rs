@@ -33,12 +33,14 @@ const PODS: [&str; 4] = ["frontend", "echo", "intruder", "stranger"];
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub agent: PathBuf,
+    /// The `tokenmesh-cni` plugin, built beside the agent.
+    pub cni: PathBuf,
     pub echo: PathBuf,
 }
 
 impl Binaries {
     /// Finds the agent through `TOKENMESH_AGENT_BIN` (set by `cargo xtask`), or else in the
-    /// workspace's `target/debug`, and the echo app at `echo`.
+    /// workspace's `target/debug`, the CNI plugin beside it, and the echo app at `echo`.
     pub fn locate(echo: PathBuf) -> anyhow::Result<Binaries> {
         let agent = match std::env::var_os("TOKENMESH_AGENT_BIN") {
             Some(path) => PathBuf::from(path),
@@ -52,7 +54,14 @@ impl Binaries {
                 agent.display()
             );
         }
-        Ok(Binaries { agent, echo })
+        let cni = agent.with_file_name("tokenmesh-cni");
+        if !cni.exists() {
+            bail!(
+                "CNI plugin binary {} not found; `cargo build -p tokenmesh-agent` builds it beside the agent",
+                cni.display()
+            );
+        }
+        Ok(Binaries { agent, cni, echo })
     }
 }
 

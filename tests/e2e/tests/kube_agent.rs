@@ -6,7 +6,7 @@
 //! Needs root.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -15,9 +15,9 @@ use std::{
 use anyhow::{Context, Result};
 use tokenmesh_agent::workloads::cgroups::{CgroupDriver, QosClass, pod_cgroup_path};
 use tokenmesh_e2e::{
-    kube_replay::{ReplayServer, Reply, Route},
+    kube_replay::{ReplayServer, node_routes},
     kubepods::{KubepodsRoot, PodNetwork},
-    process::{ChildGuard, wait_for_tcp},
+    process::{ChildGuard, audit_records, free_port, wait_for_tcp},
     scenario::{Binaries, http_get_status, wait_until},
     topology::{Topology, require_root},
 };
@@ -51,40 +51,6 @@ fn pod_list(pod_ip: Ipv4Addr, host_ip: Ipv4Addr) -> String {
     .to_string()
 }
 
-fn routes(pods: String) -> Vec<Route> {
-    let namespaces = r#"{"kind":"NamespaceList","apiVersion":"v1","metadata":{"resourceVersion":"50"},"items":[]}"#;
-    vec![
-        Route {
-            path: "/api/v1/pods",
-            watch: false,
-            version: None,
-            replies: vec![Reply::Document(pods)],
-        },
-        Route {
-            path: "/api/v1/pods",
-            watch: true,
-            version: None,
-            replies: vec![Reply::Idle],
-        },
-        Route {
-            path: "/api/v1/namespaces",
-            watch: false,
-            version: None,
-            replies: vec![Reply::Document(namespaces.to_string())],
-        },
-        Route {
-            path: "/api/v1/namespaces",
-            watch: true,
-            version: None,
-            replies: vec![Reply::Idle],
-        },
-    ]
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Runs curl in network namespace `netns` and returns the HTTP status (0 when no response).
 fn curl_status(netns: &str, url: &str) -> Result<u16> {
     let output = Command::new("ip")
@@ -106,14 +72,6 @@ fn curl_status(netns: &str, url: &str) -> Result<u16> {
         .trim()
         .parse()
         .unwrap_or(0))
-}
-
-fn audit_records(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +107,7 @@ async fn probe_exempt_other_pods_need_token() -> Result<()> {
     let layout = pod_cgroup_path(CgroupDriver::Cgroupfs, QosClass::Burstable, UID);
     kubepods.add_pod(&layout, "sandbox", PodNetwork::Join(echo.id()))?;
 
-    let server = ReplayServer::start(routes(pod_list(echo_pod.ip, node_ip))).await?;
+    let server = ReplayServer::start(node_routes(pod_list(echo_pod.ip, node_ip))).await?;
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig())?;
 

@@ -138,6 +138,7 @@ fn start_source(
         resolve_retry: Duration::from_millis(200),
         probe_exemption,
         probe_extra_sources,
+        cni: None,
     };
     let (sender, receiver) = watch::channel(None);
     let shutdown = CancellationToken::new();
@@ -146,6 +147,7 @@ fn start_source(
         settings,
         cgroup2_mount()?,
         sender,
+        None,
         shutdown.clone(),
     ));
     Ok((source, shutdown, receiver))

@@ -30,6 +30,42 @@ pub struct KubernetesSpec {
     pub resolve_retry: Duration,
     #[serde(default)]
     pub probe_exemption: ProbeExemptionSpec,
+    /// The `tokenmesh-cni` plugin, which delays new pods until they are steered.
+    #[serde(default)]
+    pub cni: Option<CniSpec>,
+}
+
+/// `workloads.kubernetes.cni:` the socket the plugin calls, and where the agent installs
+/// the plugin on the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CniSpec {
+    /// The agent's Unix socket for the plugin, a path the node and the agent share.
+    #[serde(default = "default_cni_socket")]
+    pub socket: PathBuf,
+    /// The node's CNI configuration folder, as mounted in the agent's container; the agent adds the
+    /// plugin to the runtime's configuration list there and keeps it there. Unset: the
+    /// plugin is installed by other means.
+    #[serde(default)]
+    pub conf_dir: Option<PathBuf>,
+    /// The node's CNI plugin folder, as mounted in the agent's container; the agent copies the plugin
+    /// binary there.
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// The `tokenmesh-cni` binary to copy; by default the one beside the agent's binary.
+    #[serde(default)]
+    pub plugin_binary: Option<PathBuf>,
+    /// How long a new pod's sandbox waits for the agent before the runtime retries it.
+    #[serde(default = "default_cni_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from(crate::cni::DEFAULT_SOCKET)
+}
+
+fn default_cni_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `workloads.kubernetes.probe_exemption:` which sources reach a protected pod's probe
@@ -78,6 +114,16 @@ pub struct KubernetesSettings {
     pub resolve_retry: Duration,
     pub probe_exemption: bool,
     pub probe_extra_sources: Vec<IpNet>,
+    pub cni: Option<CniSettings>,
+}
+
+/// The validated `cni` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniSettings {
+    pub socket: PathBuf,
+    /// Set when the agent installs the plugin itself.
+    pub chain: Option<crate::cni::chain::Chain>,
+    pub timeout: Duration,
 }
 
 impl KubernetesSpec {
@@ -138,6 +184,10 @@ impl KubernetesSpec {
                 "must be longer than 0s, e.g. 5s",
             );
         }
+        let cni = self
+            .cni
+            .as_ref()
+            .and_then(|cni| cni.validate(&mut problems));
         if !problems.0.is_empty() {
             return Err(problems.0);
         }
@@ -149,8 +199,68 @@ impl KubernetesSpec {
             resolve_retry: self.resolve_retry,
             probe_exemption: self.probe_exemption.enabled,
             probe_extra_sources: self.probe_exemption.extra_sources.clone(),
+            cni,
         })
     }
+}
+
+impl CniSpec {
+    fn validate(&self, problems: &mut Problems) -> Option<CniSettings> {
+        const KEY: &str = "workloads.kubernetes.cni";
+        let before = problems.0.len();
+        let paths = [
+            ("socket", Some(&self.socket)),
+            ("conf_dir", self.conf_dir.as_ref()),
+            ("bin_dir", self.bin_dir.as_ref()),
+            ("plugin_binary", self.plugin_binary.as_ref()),
+        ];
+        for (name, path) in paths {
+            if let Some(path) = path.filter(|path| !path.is_absolute()) {
+                problems.push(
+                    format!("{KEY}.{name}"),
+                    format!("{} is not an absolute path", path.display()),
+                );
+            }
+        }
+        if self.bin_dir.is_some() && self.conf_dir.is_none() {
+            problems.push(
+                format!("{KEY}.bin_dir"),
+                "is set without conf_dir; set conf_dir too, so the copied plugin is also added to the node's CNI configuration",
+            );
+        }
+        if self.timeout.is_zero() {
+            problems.push(format!("{KEY}.timeout"), "must be longer than 0s, e.g. 30s");
+        }
+        if problems.0.len() > before {
+            return None;
+        }
+        let chain = self
+            .conf_dir
+            .clone()
+            .map(|conf_dir| crate::cni::chain::Chain {
+                conf_dir,
+                bin_dir: self.bin_dir.clone(),
+                plugin_binary: self
+                    .plugin_binary
+                    .clone()
+                    .unwrap_or_else(default_plugin_binary),
+                socket: self.socket.clone(),
+                timeout_seconds: self.timeout.as_secs().max(1),
+            });
+        Some(CniSettings {
+            socket: self.socket.clone(),
+            chain,
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// `tokenmesh-cni` beside the running binary, as the image and a cargo build place it.
+fn default_plugin_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(crate::cni::PLUGIN_TYPE)))
+        .unwrap_or_else(|| PathBuf::from(crate::cni::PLUGIN_TYPE))
 }
 
 #[derive(Default)]
@@ -243,6 +353,46 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("unknown field `cgroup_drvier`")
+        );
+    }
+
+    #[test]
+    fn cni_defaults() {
+        let settings = spec("node_name: a\ncni: {}\n").validate(&env).unwrap();
+        let cni = settings.cni.unwrap();
+        assert_eq!(cni.socket, PathBuf::from("/var/run/tokenmesh/cni.sock"));
+        assert_eq!(cni.timeout, Duration::from_secs(30));
+        assert_eq!(cni.chain, None);
+    }
+
+    #[test]
+    fn cni_chain_from_folders() {
+        let settings = spec(
+            "node_name: a\ncni: {conf_dir: /host/etc/cni/net.d, bin_dir: /host/opt/cni/bin, plugin_binary: /tokenmesh-cni, timeout: 10s}\n",
+        )
+        .validate(&env)
+        .unwrap();
+        let chain = settings.cni.unwrap().chain.unwrap();
+        assert_eq!(chain.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
+        assert_eq!(chain.bin_dir, Some(PathBuf::from("/host/opt/cni/bin")));
+        assert_eq!(chain.plugin_binary, PathBuf::from("/tokenmesh-cni"));
+        assert_eq!(chain.timeout_seconds, 10);
+    }
+
+    #[test]
+    fn cni_bad_values_each_reported() {
+        let problems =
+            spec("node_name: a\ncni: {socket: cni.sock, bin_dir: /opt/cni/bin, timeout: 0s}\n")
+                .validate(&env)
+                .unwrap_err();
+        let keys: Vec<String> = problems.into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "workloads.kubernetes.cni.socket",
+                "workloads.kubernetes.cni.bin_dir",
+                "workloads.kubernetes.cni.timeout",
+            ]
         );
     }
 

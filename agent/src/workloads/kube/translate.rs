@@ -65,11 +65,14 @@ impl fmt::Display for Skip {
 
 /// Decides whether `pod` is steered. `namespace_enrolled` is true when its namespace
 /// carries the enrolment label; `probe_sources` are the extra probe sources configured.
+/// `sandbox_ip` is the address of a sandbox the CNI plugin reported: with it, a pod is
+/// steered while still `Pending`, from that address.
 pub fn candidate(
     pod: &KubePod,
     namespace_enrolled: bool,
     probe_exemption: bool,
     probe_sources: &[ipnet::IpNet],
+    sandbox_ip: Option<Ipv4Addr>,
 ) -> Result<Candidate, Skip> {
     let meta = &pod.metadata;
     let spec = pod
@@ -97,7 +100,8 @@ pub fn candidate(
         return Err(Skip::NotEnrolled);
     }
     let phase = status.and_then(|s| s.phase.clone()).unwrap_or_default();
-    if phase != "Running" {
+    let starting = sandbox_ip.is_some() && matches!(phase.as_str(), "" | "Pending");
+    if phase != "Running" && !starting {
         return Err(Skip::NotRunning(phase));
     }
     if meta.deletion_timestamp.is_some() {
@@ -116,11 +120,13 @@ pub fn candidate(
             .clone()
             .unwrap_or_else(|| "default".to_string()),
     };
-    let ip = status
+    let status_ip = status
         .and_then(|s| s.pod_ips.as_ref())
         .into_iter()
         .flatten()
-        .find_map(|pod_ip| pod_ip.ip.parse::<Ipv4Addr>().ok())
+        .find_map(|pod_ip| pod_ip.ip.parse::<Ipv4Addr>().ok());
+    let ip = sandbox_ip
+        .or(status_ip)
         .ok_or(Skip::Invalid("has no IPv4 address in status.podIPs".into()))?;
     let qos = status
         .and_then(|s| s.qos_class.as_deref())
@@ -272,7 +278,7 @@ mod tests {
 
     #[test]
     fn enrolled_namespace_pod_becomes_candidate() {
-        let candidate = candidate(&pod(serde_json::json!({})), true, true, &[]).unwrap();
+        let candidate = candidate(&pod(serde_json::json!({})), true, true, &[], None).unwrap();
         assert_eq!(candidate.identity.to_string(), "shop/api-0");
         assert_eq!(candidate.identity.service_account, "api");
         assert_eq!(candidate.ip, Ipv4Addr::new(10, 244, 1, 5));
@@ -290,22 +296,22 @@ mod tests {
 
     #[test]
     fn unenrolled_namespace_skipped() {
-        let skip = candidate(&pod(serde_json::json!({})), false, true, &[]).unwrap_err();
+        let skip = candidate(&pod(serde_json::json!({})), false, true, &[], None).unwrap_err();
         assert_eq!(skip, Skip::NotEnrolled);
     }
 
     #[test]
     fn pod_annotation_enrols_and_opts_out() {
         let enrolled = pod(serde_json::json!({"metadata": {"annotations": {ENABLED_KEY: "true"}}}));
-        assert!(candidate(&enrolled, false, true, &[]).is_ok());
+        assert!(candidate(&enrolled, false, true, &[], None).is_ok());
         let opted_out =
             pod(serde_json::json!({"metadata": {"annotations": {ENABLED_KEY: "false"}}}));
         assert_eq!(
-            candidate(&opted_out, true, true, &[]).unwrap_err(),
+            candidate(&opted_out, true, true, &[], None).unwrap_err(),
             Skip::NotEnrolled
         );
         let invalid = pod(serde_json::json!({"metadata": {"annotations": {ENABLED_KEY: "yes"}}}));
-        let skip = candidate(&invalid, true, true, &[]).unwrap_err();
+        let skip = candidate(&invalid, true, true, &[], None).unwrap_err();
         assert!(skip.to_string().contains("\"yes\""), "{skip}");
     }
 
@@ -316,7 +322,7 @@ mod tests {
             "spec": {"hostNetwork": true}
         }));
         assert_eq!(
-            candidate(&host, true, true, &[]).unwrap_err(),
+            candidate(&host, true, true, &[], None).unwrap_err(),
             Skip::HostNetwork
         );
     }
@@ -325,13 +331,13 @@ mod tests {
     fn pending_and_terminating_pods_skipped() {
         let pending = pod(serde_json::json!({"status": {"phase": "Pending"}}));
         assert_eq!(
-            candidate(&pending, true, true, &[]).unwrap_err(),
+            candidate(&pending, true, true, &[], None).unwrap_err(),
             Skip::NotRunning("Pending".into())
         );
         let deleting =
             pod(serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}));
         assert_eq!(
-            candidate(&deleting, true, true, &[]).unwrap_err(),
+            candidate(&deleting, true, true, &[], None).unwrap_err(),
             Skip::Terminating
         );
     }
@@ -342,7 +348,7 @@ mod tests {
             PROTECTED_PORTS_KEY: "9090, 8080,9090",
             CREDENTIALS_KEY: "payments-token"
         }}}));
-        let candidate = candidate(&annotated, true, true, &[]).unwrap();
+        let candidate = candidate(&annotated, true, true, &[], None).unwrap();
         assert_eq!(candidate.protected_ports, vec![8080, 9090]);
         assert_eq!(candidate.credentials.as_deref(), Some("payments-token"));
         assert_eq!(candidate.probe_exemption.ports, vec![8080, 9090]);
@@ -353,26 +359,45 @@ mod tests {
         let annotated = pod(
             serde_json::json!({"metadata": {"annotations": {PROTECTED_PORTS_KEY: "8080,http"}}}),
         );
-        let skip = candidate(&annotated, true, true, &[]).unwrap_err();
+        let skip = candidate(&annotated, true, true, &[], None).unwrap_err();
         assert!(skip.to_string().contains("\"http\""), "{skip}");
     }
 
     #[test]
     fn probe_exemption_disabled_and_extra_sources() {
         let base = pod(serde_json::json!({}));
-        let disabled = candidate(&base, true, false, &[]).unwrap();
+        let disabled = candidate(&base, true, false, &[], None).unwrap();
         assert!(disabled.probe_exemption.ports.is_empty());
         assert!(disabled.probe_exemption.sources.is_empty());
         let bridge: ipnet::IpNet = "10.244.1.1/32".parse().unwrap();
-        let extra = candidate(&base, true, true, &[bridge]).unwrap();
+        let extra = candidate(&base, true, true, &[bridge], None).unwrap();
         assert_eq!(extra.probe_exemption.sources.len(), 2);
         assert!(extra.probe_exemption.sources.contains(&bridge));
     }
 
     #[test]
+    fn pending_pod_with_sandbox_candidate() {
+        let pending = pod(serde_json::json!({"status": {"phase": "Pending", "podIPs": []}}));
+        let sandbox_ip = Ipv4Addr::new(10, 244, 1, 9);
+        let candidate = candidate(&pending, true, true, &[], Some(sandbox_ip)).unwrap();
+        assert_eq!(candidate.ip, sandbox_ip);
+        assert_eq!(candidate.identity.name, "api-0");
+
+        let finished = pod(serde_json::json!({"status": {"phase": "Succeeded"}}));
+        assert_eq!(
+            candidate_of(&finished, Some(sandbox_ip)).unwrap_err(),
+            Skip::NotRunning("Succeeded".into())
+        );
+    }
+
+    fn candidate_of(pod: &KubePod, sandbox_ip: Option<Ipv4Addr>) -> Result<Candidate, Skip> {
+        candidate(pod, true, true, &[], sandbox_ip)
+    }
+
+    #[test]
     fn ipv6_only_pod_skipped() {
         let v6 = pod(serde_json::json!({"status": {"podIPs": [{"ip": "fd00::5"}]}}));
-        let skip = candidate(&v6, true, true, &[]).unwrap_err();
+        let skip = candidate(&v6, true, true, &[], None).unwrap_err();
         assert!(skip.to_string().contains("IPv4"), "{skip}");
     }
 }
