@@ -70,7 +70,10 @@ fn steer_connect4(ctx: &SockAddrContext) -> i32 {
     // this program type.
     // SAFETY: the helper takes no arguments and only reads the current task.
     let current_cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if TM_AGENT_CGROUP.get(0).is_some_and(|agent| *agent != 0 && *agent == current_cgroup) {
+    if TM_AGENT_CGROUP
+        .get(0)
+        .is_some_and(|agent| *agent != 0 && *agent == current_cgroup)
+    {
         return CONNECT_ALLOW;
     }
 

@@ -113,8 +113,8 @@ pub fn generate_client_key(key_type: KeyType) -> anyhow::Result<ClientKey> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let value: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .context("node printed no key pair JSON")?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("node printed no key pair JSON")?;
     Ok(ClientKey {
         private_pem: value["private_pem"]
             .as_str()

@@ -60,7 +60,10 @@ fn rule_reload_under_load_loses_nothing() {
         assert_eq!(outcome.status, 200, "{outcome:?}");
         if outcome.echoed_header("x-caller-id").unwrap() == ["frontend"] {
             seen = Some(written.elapsed());
-            assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), Vec::<String>::new());
+            assert_eq!(
+                outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
+                Vec::<String>::new()
+            );
             break;
         }
     }
@@ -68,11 +71,20 @@ fn rule_reload_under_load_loses_nothing() {
     stop.store(true, Ordering::SeqCst);
     let statuses = load.join().unwrap();
 
-    let seen = seen.unwrap_or_else(|| panic!("the new rule never applied\n{}", scenario.agent_log()));
-    assert!(seen < Duration::from_secs(1), "the new rule applied after {seen:?}");
+    let seen =
+        seen.unwrap_or_else(|| panic!("the new rule never applied\n{}", scenario.agent_log()));
+    assert!(
+        seen < Duration::from_secs(1),
+        "the new rule applied after {seen:?}"
+    );
     assert!(statuses.len() >= 20, "{statuses:?}");
     let failed: Vec<&u16> = statuses.iter().filter(|s| **s != 200).collect();
-    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), statuses.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        statuses.len()
+    );
     assert!(scenario.agent_log().contains("configuration reloaded"));
 }
 
@@ -89,11 +101,20 @@ fn bad_reload_changes_nothing() {
         .unwrap();
 
     let log = scenario.agent_log();
-    assert!(log.contains("allowed_cidrs[1]"), "the rejection names the key: {log}");
+    assert!(
+        log.contains("allowed_cidrs[1]"),
+        "the rejection names the key: {log}"
+    );
     let outcome = scenario.curl("frontend", &url, &[]).unwrap();
     assert_eq!(outcome.status, 200, "{outcome:?}");
-    assert_eq!(outcome.echoed_header(CLIENT_ID_HEADER).unwrap(), ["frontend"]);
-    assert_eq!(outcome.echoed_header("x-caller-id").unwrap(), Vec::<String>::new());
+    assert_eq!(
+        outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
+        ["frontend"]
+    );
+    assert_eq!(
+        outcome.echoed_header("x-caller-id").unwrap(),
+        Vec::<String>::new()
+    );
     let denied = scenario.curl("intruder", &url, &[]).unwrap();
     assert_eq!(denied.status, 403, "{denied:?}");
 }
@@ -125,19 +146,28 @@ fn pods_come_and_go_without_restart() {
     let denied = scenario.curl("intruder", &url, &[]).unwrap();
     assert_eq!(denied.status, 403, "{denied:?}\n{}", scenario.agent_log());
     let records = scenario.audit_records().unwrap();
-    let last = records.iter().rev().find(|r| r["direction"] == "inbound").unwrap();
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r["direction"] == "inbound")
+        .unwrap();
     assert_eq!(last["reason"], "client_id_not_allowed");
 }
 
 #[test]
 fn sighup_reloads() {
     let scenario = scenario("sighup");
-    scenario.signal_agent(nix::sys::signal::Signal::SIGHUP).unwrap();
+    scenario
+        .signal_agent(nix::sys::signal::Signal::SIGHUP)
+        .unwrap();
     scenario
         .wait_for_log("configuration reloaded", Duration::from_secs(5))
         .unwrap();
     let log = scenario.agent_log();
-    let line = log.lines().find(|l| l.contains("configuration reloaded")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("configuration reloaded"))
+        .unwrap();
     assert!(line.contains("SIGHUP"), "{line}");
     let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
     assert_eq!(scenario.curl("frontend", &url, &[]).unwrap().status, 200);

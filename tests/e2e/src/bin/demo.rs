@@ -30,7 +30,10 @@ const STEPS: [Step; 6] = [
         title: "frontend forges the client id header and sends its own token",
         pod: "frontend",
         port: PROTECTED_PORT,
-        headers: &["x-tokenmesh-client-id: admin", "Authorization: Bearer made-up"],
+        headers: &[
+            "x-tokenmesh-client-id: admin",
+            "Authorization: Bearer made-up",
+        ],
         unenrolled: false,
     },
     Step {
@@ -85,14 +88,20 @@ fn main() -> anyhow::Result<()> {
         run_step(&scenario, i + 1, step)?;
     }
 
-    println!("{}. The agent stops (SIGTERM); its programs stay attached.", STEPS.len() + 1);
+    println!(
+        "{}. The agent stops (SIGTERM); its programs stay attached.",
+        STEPS.len() + 1
+    );
     scenario.stop_agent()?;
     let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
     let outcome = scenario.curl("frontend", &url, &[])?;
     let result = if outcome.exit_code == 7 {
         "connection refused: no bypass while the agent is down".to_string()
     } else {
-        format!("UNEXPECTED: curl exit {} status {}", outcome.exit_code, outcome.status)
+        format!(
+            "UNEXPECTED: curl exit {} status {}",
+            outcome.exit_code, outcome.status
+        )
     };
     println!("   frontend -> {url}\n   {result}\n");
     println!("Cleaning up: programs, pins, namespaces, cgroups and processes.");
@@ -113,7 +122,10 @@ fn run_step(scenario: &Scenario, number: usize, step: &Step) -> anyhow::Result<(
     println!("{number}. {}", step.title);
     println!("   {} -> {url}", step.pod);
     if !step.headers.is_empty() {
-        println!("   request headers from the app: {}", step.headers.join(", "));
+        println!(
+            "   request headers from the app: {}",
+            step.headers.join(", ")
+        );
     }
     if outcome.status == 200 {
         let client = outcome.echoed_header(CLIENT_ID_HEADER)?;
@@ -150,7 +162,11 @@ fn run_step(scenario: &Scenario, number: usize, step: &Step) -> anyhow::Result<(
 }
 
 fn show(values: &[String]) -> String {
-    if values.is_empty() { "(none)".into() } else { values.join(", ") }
+    if values.is_empty() {
+        "(none)".into()
+    } else {
+        values.join(", ")
+    }
 }
 
 fn text(value: &serde_json::Value) -> String {
