@@ -262,14 +262,25 @@ fn daemonset_security_settings() -> Result<()> {
             .flatten()
             .filter_map(|v| v["hostPath"]["path"].as_str().map(str::to_string))
             .collect();
+        let expected_paths = [
+            "/sys/fs/bpf",
+            "/sys/fs/cgroup",
+            "/var/run/tokenmesh",
+            "/var/run/netns",
+            "/etc/cni/net.d",
+            "/opt/cni/bin",
+        ];
         assert_eq!(
             host_paths,
-            BTreeSet::from(["/sys/fs/bpf".to_string(), "/sys/fs/cgroup".to_string()]),
+            expected_paths.iter().map(|p| p.to_string()).collect(),
             "{kustomization}: hostPath volumes"
         );
+        // The agent writes pins, its socket for the CNI plugin, and the plugin with its
+        // configuration entry; every other mount is read-only.
+        let writable = ["bpffs", "cni-socket", "cni-conf", "cni-bin"];
         for mount in agent["volumeMounts"].as_sequence().into_iter().flatten() {
             let name = mount["name"].as_str().unwrap_or_default();
-            if name != "bpffs" {
+            if !writable.contains(&name) {
                 assert_eq!(
                     mount["readOnly"],
                     Value::Bool(true),
