@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand};
-use tokenmesh_agent::{config::Config, explain, run, steering};
+use tokenmesh_agent::{cni, config::Config, explain, run, steering};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -48,20 +48,30 @@ enum Command {
         #[arg(long)]
         to: String,
     },
-    /// Detach the eBPF programs and remove the pins an agent left in place on exit.
+    /// Remove tokenmesh-cni from the node's CNI configuration, then detach the eBPF
+    /// programs and remove the pins an agent left in place on exit.
     Uninstall {
-        /// A configuration file; only its `steering.bpffs_dir` is read, so secrets and
-        /// environment variables it references need not exist here.
+        /// A configuration file; only its `steering.bpffs_dir` and
+        /// `workloads.kubernetes.cni` folders are read, so secrets and environment
+        /// variables it references need not exist here.
         #[arg(
             long,
             short,
             required_unless_present = "bpffs_dir",
-            conflicts_with = "bpffs_dir"
+            conflicts_with_all = ["bpffs_dir", "cni_conf_dir"]
         )]
         config: Option<PathBuf>,
         /// The pin folder to clean, instead of reading it from a configuration file.
         #[arg(long)]
         bpffs_dir: Option<PathBuf>,
+        /// The CNI configuration folder to remove tokenmesh-cni from, such as
+        /// /etc/cni/net.d, instead of reading it from a configuration file.
+        #[arg(long)]
+        cni_conf_dir: Option<PathBuf>,
+        /// The CNI plugin folder to remove the tokenmesh-cni binary from, such as
+        /// /opt/cni/bin.
+        #[arg(long, requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
     },
 }
 
@@ -93,7 +103,12 @@ fn main() -> ExitCode {
                 print!("{}", explain::explain(&config, &pods, &from, &to)?);
                 Ok(())
             }),
-        Command::Uninstall { config, bpffs_dir } => uninstall(config, bpffs_dir),
+        Command::Uninstall {
+            config,
+            bpffs_dir,
+            cni_conf_dir,
+            cni_bin_dir,
+        } => uninstall(config, bpffs_dir, cni_conf_dir, cni_bin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -129,14 +144,34 @@ fn cgroup_mount_or_default() -> PathBuf {
     steering::cgroup2_mount().unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup"))
 }
 
-/// Detaches the programs and removes the pins under the pin folder named by `bpffs_dir` or
-/// by the config file's `steering.bpffs_dir`.
-fn uninstall(config: Option<PathBuf>, bpffs_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let bpffs_dir = match (bpffs_dir, config) {
-        (Some(dir), _) => dir,
-        (None, Some(config)) => Config::read_bpffs_dir(&config)?,
+/// Removes tokenmesh-cni from the CNI folders, then detaches the programs and removes the
+/// pins under the pin folder. The folders come from the flags or from the config file.
+fn uninstall(
+    config: Option<PathBuf>,
+    bpffs_dir: Option<PathBuf>,
+    cni_conf_dir: Option<PathBuf>,
+    cni_bin_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (bpffs_dir, (cni_conf_dir, cni_bin_dir)) = match (bpffs_dir, config) {
+        (Some(dir), _) => (dir, (cni_conf_dir, cni_bin_dir)),
+        (None, Some(config)) => (
+            Config::read_bpffs_dir(&config)?,
+            Config::read_cni_dirs(&config)?,
+        ),
         (None, None) => anyhow::bail!("give --config FILE or --bpffs-dir DIR"),
     };
+    // The plugin goes first: once no agent runs, it would keep every new pod from starting.
+    if let Some(conf_dir) = cni_conf_dir {
+        let changed = cni::chain::remove(&conf_dir, cni_bin_dir.as_deref())?;
+        match changed.as_slice() {
+            [] => println!("tokenmesh-cni is not in {}", conf_dir.display()),
+            files => {
+                for file in files {
+                    println!("removed tokenmesh-cni from {}", file.display());
+                }
+            }
+        }
+    }
     if !bpffs_dir.exists() {
         println!(
             "nothing to remove: {} does not exist; check steering.bpffs_dir",

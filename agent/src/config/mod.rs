@@ -299,6 +299,32 @@ impl Config {
         }
     }
 
+    /// Reads only `workloads.kubernetes.cni.conf_dir` and `bin_dir` from `path`, for
+    /// `uninstall`: the folders where the agent installed `tokenmesh-cni`, when it did.
+    pub fn read_cni_dirs(path: &Path) -> Result<(Option<PathBuf>, Option<PathBuf>), ConfigError> {
+        let error = |key: &str, message: String| ConfigError {
+            file: path.to_path_buf(),
+            problems: vec![Problem {
+                key: format!("workloads.kubernetes.cni.{key}"),
+                message,
+                location: None,
+            }],
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| error("conf_dir", format!("cannot read the file: {e}")))?;
+        let document: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| error("conf_dir", e.to_string()))?;
+        let cni = &document["workloads"]["kubernetes"]["cni"];
+        let folder = |key: &str| match &cni[key] {
+            serde_yaml::Value::Null => Ok(None),
+            serde_yaml::Value::String(dir) if Path::new(dir).is_absolute() => {
+                Ok(Some(PathBuf::from(dir)))
+            }
+            other => Err(error(key, format!("{other:?} is not an absolute path"))),
+        };
+        Ok((folder("conf_dir")?, folder("bin_dir")?))
+    }
+
     /// Validates `text` as if it were the content of `path`.
     pub fn parse(
         text: &str,

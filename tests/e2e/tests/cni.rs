@@ -361,3 +361,50 @@ audit:
     assert!(!socket.exists());
     Ok(())
 }
+
+#[test]
+fn uninstall_removes_cni_plugin() -> Result<()> {
+    let binaries = Binaries::locate(PathBuf::from(env!("CARGO_BIN_EXE_echo")))?;
+    let dir = tempfile::tempdir()?;
+    let conf_dir = dir.path().join("net.d");
+    let bin_dir = dir.path().join("bin");
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::create_dir_all(&bin_dir)?;
+    let list = conf_dir.join("10-bridge.conflist");
+    let mut chained: Value = serde_json::from_str(BRIDGE_CONFLIST)?;
+    chained["plugins"]
+        .as_array_mut()
+        .context("plugins")?
+        .push(json!({"type": "tokenmesh-cni", "agent_socket": "/var/run/tokenmesh/cni.sock"}));
+    std::fs::write(&list, chained.to_string())?;
+    std::fs::write(bin_dir.join("tokenmesh-cni"), b"plugin")?;
+
+    // Only the folders are read: the policy's secrets do not exist here.
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "workloads:\n  kubernetes:\n    node_name: ${{NODE_NAME}}\n    cni:\n      conf_dir: {}\n      bin_dir: {}\nsteering:\n  bpffs_dir: {}\nplugins:\n  - id: x\n    type: token-creator\n    parameters:\n      client_secret: ${{MISSING_SECRET}}\n",
+            conf_dir.display(),
+            bin_dir.display(),
+            dir.path().join("pins").display(),
+        ),
+    )?;
+    let output = Command::new(&binaries.agent)
+        .args(["uninstall", "--config"])
+        .arg(&config)
+        .env_remove("NODE_NAME")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("removed tokenmesh-cni from"), "{stdout}");
+    assert!(stdout.contains("nothing to remove"), "{stdout}");
+    let restored: Value = serde_json::from_str(&std::fs::read_to_string(&list)?)?;
+    assert_eq!(restored, serde_json::from_str::<Value>(BRIDGE_CONFLIST)?);
+    assert!(!bin_dir.join("tokenmesh-cni").exists());
+    Ok(())
+}
