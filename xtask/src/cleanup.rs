@@ -1,8 +1,9 @@
 //! `cargo xtask cleanup`: removes what end-to-end test runs left behind when they were
 //! killed before their fixtures could clean up. Test fixtures name everything after the
-//! test process id: network namespaces `tm-<pid>-…`, cgroups and bpffs folders
-//! `tokenmesh-test-<pid>-…`. Leftovers of a process that still runs are kept unless
-//! `--all` is given.
+//! test process id: network namespaces `tm-<pid>-…`, cgroups, bpffs folders and podman
+//! containers `tokenmesh-test-<pid>-…`. Test images, `localhost/tokenmesh-test-image:<pid>`,
+//! carry the id of the xtask process that built them. Leftovers of a process that still
+//! runs are kept unless `--all` is given.
 //!
 //! The cgroup and namespace helpers repeat a few lines of the e2e topology fixture on
 //! purpose: depending on `tokenmesh-e2e` would build the agent, whose build script needs
@@ -18,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::command;
+use crate::{command, image};
 
 const NETNS_PREFIX: &str = "tm-";
 const TEST_DIR_PREFIX: &str = "tokenmesh-test-";
@@ -29,6 +30,9 @@ pub fn run(all: bool) -> Result<()> {
     let cgroups = leftovers(&list_dir(&cgroup_root)?, TEST_DIR_PREFIX, all);
     let namespaces = leftovers(&list_netns()?, NETNS_PREFIX, all);
     let pin_dirs = leftovers(&list_dir(Path::new(BPFFS))?, TEST_DIR_PREFIX, all);
+    let containers = leftovers(&list_podman(CONTAINER_NAMES)?, TEST_DIR_PREFIX, all);
+    let image_prefix = format!("{}:", image::TEST_REPOSITORY);
+    let images = leftovers(&list_podman(IMAGE_NAMES)?, &image_prefix, all);
 
     let mut errors = Vec::new();
     for name in &cgroups {
@@ -65,7 +69,24 @@ pub fn run(all: bool) -> Result<()> {
         }
     }
 
-    if cgroups.is_empty() && namespaces.is_empty() && pin_dirs.is_empty() {
+    for name in &containers {
+        println!("cleanup: removing podman container {name}");
+        if let Err(error) = command::output(Command::new("podman").args(["rm", "--force", name])) {
+            errors.push(error);
+        }
+    }
+
+    // After the containers, because `podman rmi` fails for an image that a container uses.
+    for tag in &images {
+        println!("cleanup: removing test image {tag}");
+        if let Err(error) = image::remove(tag) {
+            errors.push(error);
+        }
+    }
+
+    let removed =
+        cgroups.len() + namespaces.len() + pin_dirs.len() + containers.len() + images.len();
+    if removed == 0 {
         println!("cleanup: nothing to remove");
     }
     if !errors.is_empty() {
@@ -121,6 +142,20 @@ fn list_netns() -> Result<Vec<String>> {
         .filter_map(|line| line.split_whitespace().next())
         .map(str::to_owned)
         .collect())
+}
+
+/// `podman` arguments that list every container by name, one a line.
+const CONTAINER_NAMES: &[&str] = &["ps", "--all", "--format", "{{.Names}}"];
+/// `podman` arguments that list every image as `repository:tag`, one a line.
+const IMAGE_NAMES: &[&str] = &["images", "--format", "{{.Repository}}:{{.Tag}}"];
+
+/// Runs a podman listing and returns its lines, or none when podman is not installed.
+fn list_podman(args: &[&str]) -> Result<Vec<String>> {
+    if command::find_program("podman").is_none() {
+        return Ok(Vec::new());
+    }
+    let listing = command::output(Command::new("podman").args(args))?;
+    Ok(listing.lines().map(str::to_owned).collect())
 }
 
 /// Kills the processes left in a namespace, then deletes its name, which frees it and

@@ -2,10 +2,12 @@
 
 mod cleanup;
 mod command;
+mod image;
 mod manifests;
 mod setup;
 mod summary;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -33,12 +35,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and the tests need and are missing: rust-src for nightly,
-    /// bpf-linker, iproute2, curl, the identity provider's npm packages, and kubectl,
-    /// kubernetes-validate and Checkov for the manifest checks.
+    /// bpf-linker, the musl target, iproute2, curl, podman, musl-tools, binutils, the
+    /// identity provider's npm packages, and kubectl, kubernetes-validate and Checkov for
+    /// the manifest checks.
     Setup,
     /// Run setup, then build every binary of the workspace in release mode.
     Build,
-    /// Run setup, then every unit and end-to-end test of the workspace (needs root).
+    /// Run setup, then build the agent image from deploy/Containerfile with podman: a
+    /// static musl release build of every binary of the agent package, stripped into
+    /// target/image, the build context.
+    Image {
+        /// Name and tag of the image [default: localhost/tokenmesh-agent:VERSION].
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Run setup, build the test image (`localhost/tokenmesh-test-image:PID`), then run
+    /// every unit and end-to-end test of the workspace, then remove the image (needs root).
     Test {
         /// Arguments passed on to `cargo test`, for example `-p tokenmesh-e2e --test topology`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -68,6 +80,16 @@ fn main() -> Result<()> {
             setup::run(&root)?;
             build_release(&root)
         }
+        Task::Image { tag } => {
+            setup::run(&root)?;
+            let metadata = Metadata::read(&root)?;
+            let tag = match tag {
+                Some(tag) => tag,
+                None => image::default_tag(&metadata)?,
+            };
+            image::build(&root, &metadata, &tag)?;
+            Ok(())
+        }
         Task::Test { .. } => {
             let cargo_args = args_after_task("test");
             require_root("test")?;
@@ -83,7 +105,30 @@ fn main() -> Result<()> {
                 AGENT_BINARY,
             ]))?;
             let agent = metadata.target_dir.join("debug").join(AGENT_BINARY);
-            let code = summary::run_cargo_test(&root, &cargo_args, &agent)?;
+            let mut test_env = vec![(AGENT_BIN_VAR, agent.into_os_string())];
+
+            // A failed image build does not stop the run: the image tests fail without
+            // the image id, and the other tests still report.
+            let image_tag = image::test_tag();
+            let image = image::build(&root, &metadata, &image_tag);
+            match &image {
+                Ok(id) => test_env.push((image::TEST_IMAGE_VAR, OsString::from(id))),
+                Err(error) => eprintln!("image build failed: {error:#}"),
+            }
+
+            let mut code = summary::run_cargo_test(&root, &cargo_args, &test_env)?;
+            match image {
+                Ok(_) => {
+                    if let Err(error) = image::remove(&image_tag) {
+                        println!("tests failed: the test image was not removed: {error:#}");
+                        code = 1;
+                    }
+                }
+                Err(error) => {
+                    println!("tests failed: the image build failed: {error:#}");
+                    code = 1;
+                }
+            }
             std::process::exit(code);
         }
         Task::Demo { .. } => {
@@ -182,14 +227,47 @@ impl Metadata {
         })
     }
 
+    fn package(&self, name: &str) -> Result<&serde_json::Value> {
+        self.packages
+            .iter()
+            .find(|package| package["name"] == name)
+            .with_context(|| format!("`cargo metadata` lists no package `{name}`"))
+    }
+
+    fn package_version(&self, name: &str) -> Result<&str> {
+        self.package(name)?["version"]
+            .as_str()
+            .with_context(|| format!("`cargo metadata` lists no version for package `{name}`"))
+    }
+
+    /// Returns the names of a package's bin targets: its `[[bin]]` sections, or the
+    /// binaries cargo finds on its own, such as `src/main.rs`.
+    fn binary_names(&self, name: &str) -> Result<Vec<String>> {
+        let targets = self.package(name)?["targets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let names: Vec<String> = targets
+            .iter()
+            .filter(|target| {
+                target["kind"]
+                    .as_array()
+                    .is_some_and(|kinds| kinds.iter().any(|kind| kind == "bin"))
+            })
+            .filter_map(|target| target["name"].as_str().map(str::to_owned))
+            .collect();
+        if names.is_empty() {
+            bail!("package `{name}` has no bin target");
+        }
+        Ok(names)
+    }
+
     /// Fails with a clear message when the e2e package has no demo binary yet.
     fn ensure_demo_binary(&self) -> Result<()> {
         let has_demo = self
-            .packages
+            .binary_names(DEMO_PACKAGE)?
             .iter()
-            .filter(|package| package["name"] == DEMO_PACKAGE)
-            .flat_map(|package| package["targets"].as_array().cloned().unwrap_or_default())
-            .any(|target| target["name"] == DEMO_BINARY);
+            .any(|name| name == DEMO_BINARY);
         if !has_demo {
             bail!(
                 "the demo binary `{DEMO_BINARY}` does not exist yet: package `{DEMO_PACKAGE}` \

@@ -8,9 +8,10 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::command;
+use crate::{command, image};
 
-/// Commands the end-to-end tests run, with the Debian package that provides each.
+/// Commands the end-to-end tests run, with the Debian package that provides each. The
+/// image build's commands are in `image::TOOLS`.
 const DEBIAN_TOOLS: &[(&str, &str)] = &[("ip", "iproute2"), ("curl", "curl")];
 
 /// Folder of the identity provider that the end-to-end tests start with Node.js.
@@ -20,6 +21,7 @@ pub fn run(root: &Path) -> Result<()> {
     let mut installed = Vec::new();
     ensure_rust_src(&mut installed)?;
     ensure_bpf_linker(&mut installed)?;
+    ensure_musl_target(&mut installed)?;
     ensure_debian_tools(&mut installed)?;
     ensure_idp_packages(root, &mut installed)?;
     crate::manifests::ensure_tools(&mut installed)?;
@@ -57,6 +59,21 @@ fn ensure_rust_src(installed: &mut Vec<String>) -> Result<()> {
         "nightly",
     ]))?;
     installed.push("rust-src (nightly)".to_owned());
+    Ok(())
+}
+
+/// Installs the rustup target of the image's static binaries.
+fn ensure_musl_target(installed: &mut Vec<String>) -> Result<()> {
+    let targets = command::output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if targets
+        .lines()
+        .any(|line| line.trim() == image::MUSL_TARGET)
+    {
+        return Ok(());
+    }
+    println!("setup: installing the rustup target {}", image::MUSL_TARGET);
+    command::run(Command::new("rustup").args(["target", "add", image::MUSL_TARGET]))?;
+    installed.push(format!("rustup target {}", image::MUSL_TARGET));
     Ok(())
 }
 
@@ -145,10 +162,10 @@ fn llvm_major_version(file_name: &str) -> Option<u32> {
 /// Installs the Debian packages of missing commands, running `apt-get update` first only
 /// when something has to be installed.
 // NOTE: the install branch has not run yet, because every machine it was tried on already
-// had iproute2 and curl.
+// had these commands.
 fn ensure_debian_tools(installed: &mut Vec<String>) -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_TOOLS
-        .iter()
+    let tools = || DEBIAN_TOOLS.iter().chain(image::TOOLS);
+    let missing: Vec<&str> = tools()
         .filter(|(program, _)| command::find_program(program).is_none())
         .map(|(_, package)| *package)
         .collect();
@@ -173,7 +190,7 @@ fn ensure_debian_tools(installed: &mut Vec<String>) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    for (program, package) in DEBIAN_TOOLS {
+    for (program, package) in tools() {
         if command::find_program(program).is_none() {
             bail!("`{program}` is still not on PATH after installing the Debian package {package}");
         }

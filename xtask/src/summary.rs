@@ -1,6 +1,7 @@
 //! `cargo xtask test`: runs `cargo test` over the workspace and closes with one line that
 //! adds up the `test result:` lines of every test binary.
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -55,15 +56,16 @@ impl Totals {
     }
 }
 
-/// Runs `cargo test --workspace --no-fail-fast` with `extra_args` and the agent binary at
-/// `agent`, passing its output through. Returns the exit code for xtask: 0 only when cargo
-/// succeeded and at least one test ran, or `extra_args` may have filtered every test out.
-pub fn run_cargo_test(root: &Path, extra_args: &[String], agent: &Path) -> Result<i32> {
+/// Runs `cargo test --workspace --no-fail-fast` with `extra_args` and the environment
+/// variables `env`, passing its output through. Returns the exit code for xtask: 0 only
+/// when cargo succeeded and at least one test ran, or `extra_args` may have filtered every
+/// test out.
+pub fn run_cargo_test(root: &Path, extra_args: &[String], env: &[(&str, OsString)]) -> Result<i32> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra_args)
-        .env(crate::AGENT_BIN_VAR, agent)
+        .envs(env.iter().map(|(name, value)| (*name, value)))
         .stdout(Stdio::piped());
     let line = command::display(&cmd);
     println!("+ {line}");
