@@ -73,7 +73,9 @@ pub struct PodHandle {
     runtime: Arc<PodRuntime>,
     /// Stops the pod's accept loops; connections already accepted finish.
     cancel: CancellationToken,
-    inbound: bool,
+    outbound: Arc<TcpListener>,
+    /// Present when the pod has protected ports.
+    inbound: Option<Arc<TcpListener>>,
 }
 
 impl PodHandle {
@@ -185,12 +187,17 @@ pub enum PodSetupError {
 /// Opens the pod's listeners, registers them with the eBPF programs and starts serving.
 /// Pods with protected ports get an inbound listener; which validator applies is decided
 /// per request from the current policy.
+///
+/// `previous` is the handle of the same pod before a change. When the pod is still in
+/// the same network namespace, its listeners carry over, so the ports stay bound and
+/// the eBPF maps are updated in place. Pass the old handle to `retire_pod` afterwards.
 pub async fn start_pod(
     shared: &Arc<Shared>,
     pod: Pod,
-    outbound_port: u16,
-    inbound_port: u16,
+    ports: (u16, u16),
+    previous: Option<&PodHandle>,
 ) -> Result<PodHandle, PodSetupError> {
+    let (outbound_port, inbound_port) = ports;
     let identity = pod.identity.clone();
     let netns = Netns::open(&pod.netns).map_err(|source| PodSetupError::Netns {
         pod: identity.clone(),
@@ -205,6 +212,7 @@ pub async fn start_pod(
             netns
                 .tcp_listener(addr)
                 .await
+                .map(Arc::new)
                 .map_err(|source| PodSetupError::Listen {
                     pod: identity,
                     addr,
@@ -217,27 +225,36 @@ pub async fn start_pod(
         source,
     };
 
-    let outbound_listener = listen(outbound_port).await?;
-    let inbound_listener = if pod.protected_ports.is_empty() {
-        None
-    } else {
-        Some(listen(inbound_port).await?)
+    let same_netns = previous.filter(|old| old.runtime.netns.cookie() == netns.cookie());
+    let outbound_listener = match same_netns {
+        Some(old) => old.outbound.clone(),
+        None => listen(outbound_port).await?,
+    };
+    let inbound_listener = match (pod.protected_ports.is_empty(), same_netns) {
+        (true, _) => None,
+        (
+            false,
+            Some(PodHandle {
+                inbound: Some(listener),
+                ..
+            }),
+        ) => Some(listener.clone()),
+        (false, _) => Some(listen(inbound_port).await?),
     };
 
     let runtime = Arc::new(PodRuntime { pod, netns });
     let cancel = shared.shutdown.child_token();
-    let inbound = inbound_listener.is_some();
-    if let Some(listener) = inbound_listener {
+    if let Some(listener) = &inbound_listener {
         shared
             .steering
             .protect_inbound(
                 &runtime.netns,
                 runtime.pod.ip,
                 &runtime.pod.protected_ports,
-                &listener,
+                listener.as_ref(),
             )
             .map_err(steering_error)?;
-        spawn_accept_loop(shared, &runtime, &cancel, listener, inbound::serve);
+        spawn_accept_loop(shared, &runtime, &cancel, listener.clone(), inbound::serve);
     }
     shared
         .steering
@@ -247,7 +264,7 @@ pub async fn start_pod(
         shared,
         &runtime,
         &cancel,
-        outbound_listener,
+        outbound_listener.clone(),
         outbound::serve,
     );
 
@@ -260,7 +277,8 @@ pub async fn start_pod(
     Ok(PodHandle {
         runtime,
         cancel,
-        inbound,
+        outbound: outbound_listener,
+        inbound: inbound_listener,
     })
 }
 
@@ -269,7 +287,7 @@ pub async fn start_pod(
 pub fn stop_pod(shared: &Shared, handle: PodHandle) -> Result<(), crate::steering::SteeringError> {
     let runtime = &handle.runtime;
     shared.steering.remove_outbound(runtime.netns.cookie())?;
-    if handle.inbound {
+    if handle.inbound.is_some() {
         shared
             .steering
             .unprotect_inbound(&runtime.netns, runtime.pod.ip)?;
@@ -279,11 +297,38 @@ pub fn stop_pod(shared: &Shared, handle: PodHandle) -> Result<(), crate::steerin
     Ok(())
 }
 
+/// Stops the accept loops of `old` after `new` took its place, and removes only the
+/// steering that `new` does not cover: another network namespace, another address, or
+/// no protected port left. Listeners that `new` carried over stay open.
+pub fn retire_pod(
+    shared: &Shared,
+    old: PodHandle,
+    new: &PodHandle,
+) -> Result<(), crate::steering::SteeringError> {
+    let old_runtime = &old.runtime;
+    let same_netns = old_runtime.netns.cookie() == new.runtime.netns.cookie();
+    if !same_netns {
+        shared
+            .steering
+            .remove_outbound(old_runtime.netns.cookie())?;
+    }
+    let address_kept =
+        same_netns && new.inbound.is_some() && new.runtime.pod.ip == old_runtime.pod.ip;
+    if old.inbound.is_some() && !address_kept {
+        shared
+            .steering
+            .unprotect_inbound(&old_runtime.netns, old_runtime.pod.ip)?;
+    }
+    old.cancel.cancel();
+    tracing::info!(pod = %new.runtime.pod.identity, "pod updated");
+    Ok(())
+}
+
 fn spawn_accept_loop<F, Fut>(
     shared: &Arc<Shared>,
     runtime: &Arc<PodRuntime>,
     cancel: &CancellationToken,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     serve: F,
 ) where
     F: Fn(Arc<Shared>, Arc<PodRuntime>, tokio::net::TcpStream, SocketAddr) -> Fut + Send + 'static,

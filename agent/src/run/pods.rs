@@ -31,9 +31,10 @@ pub struct Changes {
 
 impl PodSet {
     /// Starts pods that are new, stops pods that are gone and restarts pods whose
-    /// address, namespace, cgroup or ports changed. Pods that stay the same keep their
-    /// listeners and connections. A pod that fails to start is logged and left out, so
-    /// one bad entry does not stop the others.
+    /// identity facts, address, namespace, cgroup or ports changed. Pods that stay the
+    /// same keep their listeners and connections. A pod that fails to start is logged and
+    /// left out, so one bad entry does not stop the others. A changed pod that fails to
+    /// restart keeps running as it was.
     pub async fn reconcile(
         &mut self,
         shared: &Arc<Shared>,
@@ -54,17 +55,13 @@ impl PodSet {
 
         let gone: Vec<PodIdentity> = self
             .running
-            .iter()
-            .filter(|(identity, handle)| desired.get(*identity) != Some(handle.pod()))
-            .map(|(identity, _)| identity.clone())
+            .keys()
+            .filter(|identity| !desired.contains_key(*identity))
+            .cloned()
             .collect();
         for identity in gone {
             let handle = self.running.remove(&identity).expect("listed above");
-            if desired.contains_key(&identity) {
-                changes.replaced += 1;
-            } else {
-                changes.removed += 1;
-            }
+            changes.removed += 1;
             if let Err(e) = proxy::stop_pod(shared, handle) {
                 tracing::error!(pod = %identity, error = %e, "failed to stop steering a removed pod");
             }
@@ -72,25 +69,38 @@ impl PodSet {
 
         self.failed.clear();
         for (identity, pod) in desired {
-            if self.running.contains_key(&identity) {
+            let previous = self.running.get(&identity);
+            if previous.is_some_and(|handle| handle.pod() == &pod) {
                 continue;
             }
             let netns = pod.netns.clone();
-            match proxy::start_pod(shared, pod, ports.0, ports.1).await {
+            // A changed pod starts beside its old handle, so its traffic stays steered
+            // while the change is applied.
+            match proxy::start_pod(shared, pod, ports, previous).await {
                 Ok(handle) => {
-                    changes.added += 1;
+                    match self.running.remove(&identity) {
+                        Some(old) => {
+                            changes.replaced += 1;
+                            if let Err(e) = proxy::retire_pod(shared, old, &handle) {
+                                tracing::error!(pod = %identity, error = %e, "failed to remove the old steering of a changed pod");
+                            }
+                        }
+                        None => changes.added += 1,
+                    }
                     self.running.insert(identity, handle);
                 }
                 Err(e) => {
                     changes.failed += 1;
-                    tracing::error!(pod = %identity, error = %e, "failed to enrol pod");
+                    if previous.is_some() {
+                        tracing::error!(pod = %identity, error = %e, "failed to apply a change to a pod; it stays steered as before");
+                    } else {
+                        tracing::error!(pod = %identity, error = %e, "failed to enrol pod");
+                    }
                     let error = Some(e.to_string());
                     self.failed.insert(identity, PodOutcome { netns, error });
                 }
             }
         }
-        // A replaced pod counts once, as replaced.
-        changes.added -= changes.replaced.min(changes.added);
         changes
     }
 

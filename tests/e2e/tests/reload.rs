@@ -155,6 +155,63 @@ fn pods_come_and_go_without_restart() {
 }
 
 #[test]
+fn changed_pod_stays_steered() {
+    let scenario = Arc::new(scenario("podchange"));
+    let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // New connections from frontend, back to back: one curl run, one connection.
+    let load = {
+        let scenario = scenario.clone();
+        let stop = stop.clone();
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                statuses.push(scenario.curl("frontend", &url, &[]).unwrap().status);
+            }
+            statuses
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A new label changes the pod, so the agent replaces its steering while frontend
+    // keeps connecting. A connection that bypassed the agent would reach echo's agent
+    // without a token and get 401.
+    let workloads = scenario.dir.path().join("workloads.yaml");
+    let mut document: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&workloads).unwrap()).unwrap();
+    let frontend = document["pods"]
+        .as_sequence_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|pod| pod["name"] == "frontend")
+        .unwrap();
+    frontend["labels"] = serde_yaml::from_str("{tier: web}").unwrap();
+    let staged = workloads.with_extension("new");
+    std::fs::write(&staged, serde_yaml::to_string(&document).unwrap()).unwrap();
+    std::fs::rename(&staged, &workloads).unwrap();
+    scenario
+        .wait_for_log("pods.replaced=1", Duration::from_secs(5))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let statuses = load.join().unwrap();
+
+    assert!(statuses.len() >= 5, "{statuses:?}");
+    let failed: Vec<&u16> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}\n{}",
+        failed.len(),
+        statuses.len(),
+        scenario.agent_log()
+    );
+    let after = scenario.curl("frontend", &url, &[]).unwrap();
+    assert_eq!(after.status, 200, "{after:?}\n{}", scenario.agent_log());
+}
+
+#[test]
 fn sighup_reloads() {
     let scenario = scenario("sighup");
     scenario
