@@ -40,6 +40,17 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
 }
 
+/// Tells whether two namespace files, such as `/proc/PID/ns/net` and a bind mount under
+/// `/var/run/netns`, name the same namespace: the same device and inode. False when
+/// either cannot be read.
+pub fn same_namespace(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 impl Netns {
     /// Opens the network namespace at `path` (for example `/run/netns/NAME` or
     /// `/proc/PID/ns/net`) and starts its socket thread.

@@ -8,6 +8,7 @@ use std::{
 
 use crate::{
     cni::server::{PodOutcome, PodOutcomes},
+    netns,
     proxy::{self, PodHandle, Shared},
     workloads::{Pod, PodIdentity},
 };
@@ -69,13 +70,30 @@ impl PodSet {
 
         self.failed.clear();
         for (identity, pod) in desired {
-            let previous = self.running.get(&identity);
-            if previous.is_some_and(|handle| handle.pod() == &pod) {
+            if self
+                .running
+                .get(&identity)
+                .is_some_and(|handle| handle.pod() == &pod)
+            {
                 continue;
             }
+            // A changed pod in the same namespace starts beside its old handle, so its
+            // traffic stays steered while the change is applied. A pod in a new
+            // namespace (a new sandbox) has nothing to carry over: its old namespace is
+            // released first, since one address can be protected in one namespace only.
+            let moved = self
+                .running
+                .get(&identity)
+                .is_some_and(|old| !netns::same_namespace(&old.pod().netns, &pod.netns));
+            if moved {
+                let old = self.running.remove(&identity).expect("checked above");
+                changes.replaced += 1;
+                if let Err(e) = proxy::stop_pod(shared, old) {
+                    tracing::error!(pod = %identity, error = %e, "failed to stop steering a pod's old network namespace");
+                }
+            }
+            let previous = self.running.get(&identity);
             let netns = pod.netns.clone();
-            // A changed pod starts beside its old handle, so its traffic stays steered
-            // while the change is applied.
             match proxy::start_pod(shared, pod, ports, previous).await {
                 Ok(handle) => {
                     match self.running.remove(&identity) {
@@ -85,6 +103,7 @@ impl PodSet {
                                 tracing::error!(pod = %identity, error = %e, "failed to remove the old steering of a changed pod");
                             }
                         }
+                        None if moved => {}
                         None => changes.added += 1,
                     }
                     self.running.insert(identity, handle);

@@ -295,7 +295,7 @@ impl State {
     /// reported) keeps that path, so its steering is not restarted for a new name.
     fn sandbox_netns(&self, uid: &str, netns: &std::path::Path) -> PathBuf {
         match self.resolved.get(uid) {
-            Some(known) if same_file(&known.netns, netns) => known.netns.clone(),
+            Some(known) if crate::netns::same_namespace(&known.netns, netns) => known.netns.clone(),
             _ => netns.to_path_buf(),
         }
     }
@@ -444,16 +444,6 @@ impl State {
             &candidate.uid,
         )?;
         Ok(cgroup)
-    }
-}
-
-/// True when both paths name the same inode, such as one network namespace reached
-/// through `/proc/PID/ns/net` and through a bind mount under `/var/run/netns`.
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
     }
 }
 
