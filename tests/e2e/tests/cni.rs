@@ -287,6 +287,14 @@ audit:
     let plugin = bin_dir.join("tokenmesh-cni");
     assert_eq!(std::fs::read(&plugin)?, std::fs::read(&binaries.cni)?);
 
+    // A network plugin that rewrites its file on restart drops the entry; the agent
+    // adds it again.
+    std::fs::write(conf_dir.join("10-bridge.conflist"), BRIDGE_CONFLIST)?;
+    let restored = wait_until(Duration::from_secs(15), "plugin added again", || {
+        installed_entry(&conf_dir).is_some()
+    });
+    restored.with_context(|| format!("agent log:\n{}", agent.output_report()))?;
+
     // Before its sandbox is reported, the Pending pod is not steered: a process that ran
     // then would bypass the agent. The runtime never starts one before ADD returns.
     assert!(outbound_records_from(&audit, web.ip).is_empty());
