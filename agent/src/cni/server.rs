@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 use super::protocol::{MAX_LINE, Reply, Request, Sandbox, SandboxRef};
 use crate::workloads::PodIdentity;
 
+/// The plugin writes its request at once; a client that does not is dropped.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A sandbox change for the Kubernetes source.
 #[derive(Debug)]
 pub enum SandboxEvent {
@@ -122,9 +125,15 @@ async fn handle(
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_LINE as u64))
-        .read_line(&mut line)
-        .await?;
+    let mut reader = BufReader::new(read.take(MAX_LINE as u64));
+    tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no complete request line within 5 s",
+            )
+        })??;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(request) => answer(request, &events, outcomes).await,
         Err(e) => Reply::Failed {
