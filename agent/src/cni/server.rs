@@ -247,3 +247,187 @@ async fn wait_for_outcome(
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+    use crate::cni::{plugin, protocol::Sandbox};
+
+    fn sandbox(netns: &Path) -> Sandbox {
+        Sandbox {
+            pod: SandboxRef {
+                namespace: "shop".into(),
+                name: "web-0".into(),
+                uid: None,
+                container_id: "abc".into(),
+            },
+            netns: netns.to_path_buf(),
+            ip: Some(Ipv4Addr::new(10, 1, 0, 5)),
+            timeout_ms: 2000,
+        }
+    }
+
+    /// Starts the server and returns its socket, the source's end of the events, the
+    /// outcomes sender and the shutdown token.
+    fn start(
+        dir: &Path,
+    ) -> (
+        PathBuf,
+        mpsc::Receiver<SandboxEvent>,
+        watch::Sender<PodOutcomes>,
+        CancellationToken,
+    ) {
+        let path = dir.join("run/cni.sock");
+        let listener = bind(&path).unwrap();
+        let (events, receiver) = mpsc::channel(4);
+        let (outcomes, outcomes_receiver) = watch::channel(PodOutcomes::new());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            path.clone(),
+            events,
+            outcomes_receiver,
+            shutdown.clone(),
+        ));
+        (path, receiver, outcomes, shutdown)
+    }
+
+    async fn call(path: PathBuf, request: Request) -> Reply {
+        tokio::task::spawn_blocking(move || {
+            plugin::call(&path, &request, Duration::from_secs(5)).unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn add_replies_once_pod_steered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut events, outcomes, shutdown) = start(dir.path());
+        let netns = dir.path().join("netns");
+        let identity = PodIdentity {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            service_account: "web".into(),
+        };
+
+        let reply = tokio::spawn(call(path.clone(), Request::Add(sandbox(&netns))));
+        let Some(SandboxEvent::Add(received, decision)) = events.recv().await else {
+            panic!("expected an ADD event");
+        };
+        assert_eq!(received.netns, netns);
+        decision
+            .send(Decision::Steer {
+                identity: identity.clone(),
+                netns: netns.clone(),
+            })
+            .unwrap();
+        // The reply waits for the pod's outcome in the sandbox's namespace.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!reply.is_finished());
+        let outcome = PodOutcome {
+            netns: netns.clone(),
+            error: None,
+        };
+        outcomes.send_replace(PodOutcomes::from([(identity, outcome)]));
+        assert_eq!(reply.await.unwrap(), Reply::Steered);
+
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn add_reports_steering_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut events, outcomes, _shutdown) = start(dir.path());
+        let netns = dir.path().join("netns");
+        let identity = PodIdentity {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            service_account: "web".into(),
+        };
+        let outcome = PodOutcome {
+            netns: netns.clone(),
+            error: Some("cannot listen".into()),
+        };
+        outcomes.send_replace(PodOutcomes::from([(identity.clone(), outcome)]));
+
+        let reply = tokio::spawn(call(path.clone(), Request::Add(sandbox(&netns))));
+        let Some(SandboxEvent::Add(_, decision)) = events.recv().await else {
+            panic!("expected an ADD event");
+        };
+        decision.send(Decision::Steer { identity, netns }).unwrap();
+        assert_eq!(
+            reply.await.unwrap(),
+            Reply::Failed {
+                message: "steering failed: cannot listen".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn add_not_enrolled_and_del() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut events, _outcomes, _shutdown) = start(dir.path());
+
+        let reply = tokio::spawn(call(path.clone(), Request::Add(sandbox(dir.path()))));
+        let Some(SandboxEvent::Add(_, decision)) = events.recv().await else {
+            panic!("expected an ADD event");
+        };
+        decision
+            .send(Decision::Skip("pod is not enrolled".into()))
+            .unwrap();
+        assert_eq!(
+            reply.await.unwrap(),
+            Reply::NotEnrolled {
+                reason: "pod is not enrolled".into()
+            }
+        );
+
+        let pod = sandbox(dir.path()).pod;
+        assert_eq!(
+            call(path.clone(), Request::Del(pod.clone())).await,
+            Reply::Done
+        );
+        let Some(SandboxEvent::Del(deleted)) = events.recv().await else {
+            panic!("expected a DEL event");
+        };
+        assert_eq!(deleted, pod);
+        assert_eq!(call(path.clone(), Request::Status).await, Reply::Done);
+    }
+
+    #[tokio::test]
+    async fn invalid_request_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _events, _outcomes, _shutdown) = start(dir.path());
+        let mut stream = UnixStream::connect(&path).await.unwrap();
+        stream.write_all(b"{\"command\":\"up\"}\n").await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        let reply: Reply = serde_json::from_str(&reply).unwrap();
+        let Reply::Failed { message } = reply else {
+            panic!("expected a failure, got {reply:?}");
+        };
+        assert!(message.contains("invalid request"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_removes_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _events, _outcomes, shutdown) = start(dir.path());
+        assert!(path.exists());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        shutdown.cancel();
+        for _ in 0..50 {
+            if !path.exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{} still exists after shutdown", path.display());
+    }
+}
