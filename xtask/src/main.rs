@@ -96,13 +96,13 @@ fn main() -> Result<()> {
             setup::run(&root)?;
             let metadata = Metadata::read(&root)?;
             // `cargo test` builds only the binaries of packages with integration tests, so
-            // the agent binary that the end-to-end tests start is built here, never stale.
+            // the agent package's binaries that the end-to-end tests start (the agent and
+            // the CNI plugin beside it) are built here, never stale.
             command::run(Command::new("cargo").current_dir(&root).args([
                 "build",
                 "-p",
                 AGENT_PACKAGE,
-                "--bin",
-                AGENT_BINARY,
+                "--bins",
             ]))?;
             let agent = metadata.target_dir.join("debug").join(AGENT_BINARY);
             let mut test_env = vec![(AGENT_BIN_VAR, agent.into_os_string())];
