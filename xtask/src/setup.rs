@@ -159,6 +159,9 @@ fn llvm_major_version(file_name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// Debian packages installed with their recommended packages.
+const WITH_RECOMMENDS: &[&str] = &["podman"];
+
 /// Installs the Debian packages of missing commands, running `apt-get update` first only
 /// when something has to be installed.
 // NOTE: the install branch has not run yet, because every machine it was tried on already
@@ -184,12 +187,25 @@ fn ensure_debian_tools(installed: &mut Vec<String>) -> Result<()> {
             .arg("update")
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    command::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    // podman's recommended packages (buildah, fuse-overlayfs, slirp4netns, uidmap) are
+    // installed with it, as on the machines where the image build was tried.
+    let (with_recommends, plain): (Vec<&str>, Vec<&str>) = missing
+        .iter()
+        .partition(|package| WITH_RECOMMENDS.contains(package));
+    for (packages, options) in [
+        (plain, &["install", "-y", "--no-install-recommends"][..]),
+        (with_recommends, &["install", "-y"][..]),
+    ] {
+        if packages.is_empty() {
+            continue;
+        }
+        command::run(
+            Command::new("apt-get")
+                .args(options)
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
     for (program, package) in tools() {
         if command::find_program(program).is_none() {
             bail!("`{program}` is still not on PATH after installing the Debian package {package}");
