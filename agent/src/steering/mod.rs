@@ -123,7 +123,7 @@ impl Steering {
         // Maps are taken out of `ebpf` only after every program is loaded, because the
         // loader wrote the map fds into the programs, and a dropped map closes its fd.
         outbound::sync_intercept_ports(&mut ebpf, &settings.intercept_ports)?;
-        outbound::set_agent_cgroup(&mut ebpf, mounts::own_cgroup_id()?)?;
+        outbound::set_agent_cgroup(&mut ebpf, mounts::own_cgroup_id(&settings.pods_cgroup)?)?;
         outbound::sync_intercept_networks(
             &mut ebpf,
             &settings.intercept_networks,

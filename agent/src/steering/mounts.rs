@@ -31,7 +31,14 @@ pub fn cgroup2_mount() -> Result<PathBuf, SteeringError> {
 
 /// The cgroup v2 id of this process's cgroup: the inode number of its folder, which is
 /// what `bpf_get_current_cgroup_id` returns.
-pub(super) fn own_cgroup_id() -> Result<u64, SteeringError> {
+///
+/// `/proc/self/cgroup` gives the path relative to the process's cgroup namespace. In a
+/// container with a namespace of its own (containerd and CRI-O give one to every
+/// unprivileged container on cgroup v2) it reads `0::/`, which names no folder of the
+/// node's hierarchy. So the folder is accepted only when its `cgroup.procs` lists this
+/// process; otherwise the folder that does is searched for below `pods_cgroup`, the only
+/// place where the agent's own connects would be steered.
+pub(super) fn own_cgroup_id(pods_cgroup: &Path) -> Result<u64, SteeringError> {
     let membership =
         std::fs::read_to_string("/proc/self/cgroup").map_err(|error| SteeringError::OwnCgroup {
             detail: error.to_string(),
@@ -43,11 +50,50 @@ pub(super) fn own_cgroup_id() -> Result<u64, SteeringError> {
         .ok_or_else(|| SteeringError::OwnCgroup {
             detail: "/proc/self/cgroup has no cgroup v2 line (0::PATH)".to_string(),
         })?;
-    let folder = cgroup2_mount()?.join(path.trim_start_matches('/'));
+    let listed = cgroup2_mount()?.join(path.trim_start_matches('/'));
+    let pid = std::process::id();
+    let folder = if lists_process(&listed, pid) {
+        listed
+    } else {
+        match find_process_cgroup(pods_cgroup, pid, MAX_SEARCH_DEPTH) {
+            Some(found) => {
+                tracing::debug!(cgroup = %found.display(), "agent cgroup found below the pods' cgroup");
+                found
+            }
+            // Not below the pods' cgroup: connect4 never runs for the agent.
+            None => listed,
+        }
+    };
     let metadata = std::fs::metadata(&folder).map_err(|error| SteeringError::OwnCgroup {
         detail: format!("{}: {error}", folder.display()),
     })?;
     Ok(std::os::unix::fs::MetadataExt::ino(&metadata))
+}
+
+/// Depth of the search below the pods' cgroup: the kubelet's QoS, pod and container
+/// levels are three, with room for a runtime's extra level.
+const MAX_SEARCH_DEPTH: usize = 5;
+
+/// Tells whether `cgroup.procs` of `folder` lists `pid`.
+fn lists_process(folder: &Path, pid: u32) -> bool {
+    std::fs::read_to_string(folder.join("cgroup.procs"))
+        .is_ok_and(|procs| procs.lines().any(|line| line.trim() == pid.to_string()))
+}
+
+/// Returns the folder below `root`, down to `depth` levels, whose `cgroup.procs` lists
+/// `pid`.
+fn find_process_cgroup(root: &Path, pid: u32, depth: usize) -> Option<PathBuf> {
+    if lists_process(root, pid) {
+        return Some(root.to_path_buf());
+    }
+    if depth == 0 {
+        return None;
+    }
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        .find_map(|entry| find_process_cgroup(&entry.path(), pid, depth - 1))
 }
 
 /// Mounts bpffs at /sys/fs/bpf unless a bpf file system is already mounted there.

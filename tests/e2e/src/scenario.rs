@@ -141,6 +141,9 @@ pub struct Scenario {
     /// Cgroup the agent runs in; `None` keeps the test's own cgroup. A folder below the
     /// pods' parent cgroup puts the agent where a DaemonSet pod's agent is on a node.
     pub agent_cgroup: Option<PathBuf>,
+    /// Starts the agent in a cgroup namespace of its own, rooted at `agent_cgroup`, as
+    /// containerd and CRI-O start an unprivileged container on cgroup v2.
+    pub agent_cgroup_namespace: bool,
     agent: Option<ChildGuard>,
     apps: Vec<ChildGuard>,
     // Fields drop in order: the identity provider and topology go last.
@@ -183,6 +186,7 @@ impl Scenario {
             bpffs_dir,
             binaries,
             agent_cgroup: None,
+            agent_cgroup_namespace: false,
             agent: None,
             apps: Vec::new(),
             idp,
@@ -354,8 +358,11 @@ plugins:
                         "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"",
                         "sh",
                     ])
-                    .arg(cgroup)
-                    .arg(&self.binaries.agent);
+                    .arg(cgroup);
+                if self.agent_cgroup_namespace {
+                    command.args(["unshare", "--cgroup", "--"]);
+                }
+                command.arg(&self.binaries.agent);
                 command
             }
         };

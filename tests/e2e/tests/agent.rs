@@ -354,3 +354,29 @@ fn agent_below_pods_cgroup_not_steered() {
         "one outbound hop, not a loop: {records:#?}"
     );
 }
+
+#[test]
+fn agent_in_cgroup_namespace_not_steered() {
+    let mut scenario = scenario("cgroupns");
+    let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
+    scenario.stop_agent().unwrap();
+
+    // An unprivileged container on cgroup v2 gets a cgroup namespace of its own, so the
+    // agent reads its cgroup as "/" and must look it up in PID 1's namespace.
+    scenario.agent_cgroup = Some(scenario.topology.pods_cgroup().join("tokenmesh-agent"));
+    scenario.agent_cgroup_namespace = true;
+    scenario.start_agent().unwrap();
+
+    let outcome = scenario.curl("frontend", &url, &[]).unwrap();
+    assert_eq!(outcome.status, 200, "{outcome:?}\n{}", scenario.agent_log());
+    assert_eq!(
+        outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
+        ["frontend"]
+    );
+    let records = scenario.audit_records().unwrap();
+    assert_eq!(
+        records_where(&records, "outbound", PROTECTED_PORT).len(),
+        1,
+        "one outbound hop, not a loop: {records:#?}"
+    );
+}
