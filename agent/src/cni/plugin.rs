@@ -32,7 +32,6 @@ const INVALID_ENVIRONMENT: u32 = 4;
 const DECODE_FAILED: u32 = 6;
 const INVALID_CONFIG: u32 = 7;
 const TRY_AGAIN_LATER: u32 = 11;
-const NOT_AVAILABLE: u32 = 50;
 /// First code of the range the specification leaves to plugins.
 const POD_REJECTED: u32 = 100;
 
@@ -136,7 +135,8 @@ fn execute(
         ));
     }
     match command {
-        "ADD" | "CHECK" => add(&conf, env),
+        "ADD" => add(&conf, env, false),
+        "CHECK" => add(&conf, env, true),
         "DEL" => {
             del(&conf, env);
             Ok(String::new())
@@ -151,7 +151,13 @@ fn execute(
     }
 }
 
-fn add(conf: &NetConf, env: &dyn Fn(&str) -> Option<String>) -> Result<String, CniError> {
+/// Handles ADD, and CHECK with `check`: the agent steers the pod if it has not yet, so a
+/// CHECK after an agent restart repairs the pod too.
+fn add(
+    conf: &NetConf,
+    env: &dyn Fn(&str) -> Option<String>,
+    check: bool,
+) -> Result<String, CniError> {
     let prev_result = conf.prev_result.clone().ok_or_else(|| {
         CniError::new(
             INVALID_CONFIG,
@@ -161,6 +167,9 @@ fn add(conf: &NetConf, env: &dyn Fn(&str) -> Option<String>) -> Result<String, C
     })?;
     let Some(pod) = sandbox_ref(env)? else {
         // Not a Kubernetes pod: nothing can enrol it.
+        if check {
+            return Ok(String::new());
+        }
         return Ok(result_output(prev_result, &conf.cni_version));
     };
     let netns = required(env, "CNI_NETNS")?;
@@ -177,8 +186,10 @@ fn add(conf: &NetConf, env: &dyn Fn(&str) -> Option<String>) -> Result<String, C
     });
     // The agent replies before its own deadline; the margin covers the socket round trip.
     let reply = call(&conf.agent_socket, &request, timeout + SHORT_TIMEOUT)
-        .map_err(|e| unreachable(&conf.agent_socket, &e))?;
+        .map_err(|e| agent_failed(&conf.agent_socket, &e))?;
     match reply {
+        // CHECK prints nothing on success.
+        Reply::Steered | Reply::NotEnrolled { .. } | Reply::Done if check => Ok(String::new()),
         Reply::Steered | Reply::NotEnrolled { .. } | Reply::Done => {
             Ok(result_output(prev_result, &conf.cni_version))
         }
@@ -198,24 +209,24 @@ fn del(conf: &NetConf, env: &dyn Fn(&str) -> Option<String>) {
     }
 }
 
+/// Reports the plugin as available even when the agent does not answer. containerd 2.0
+/// and later call STATUS for the node's network status, and a failure there marks the
+/// whole node NotReady, which would evict its pods after a while. A missing agent holds
+/// new pods at ADD instead.
 fn status(conf: &NetConf) -> Result<String, CniError> {
-    match call(&conf.agent_socket, &Request::Status, SHORT_TIMEOUT) {
-        Ok(_) => Ok(String::new()),
-        Err(e) => {
-            let mut error = unreachable(&conf.agent_socket, &e);
-            error.code = NOT_AVAILABLE;
-            Err(error)
-        }
+    if let Err(error) = call(&conf.agent_socket, &Request::Status, SHORT_TIMEOUT) {
+        eprintln!(
+            "tokenmesh-cni: {}; new pods wait at ADD until it answers",
+            error.describe(&conf.agent_socket)
+        );
     }
+    Ok(String::new())
 }
 
-fn unreachable(socket: &Path, error: &std::io::Error) -> CniError {
+fn agent_failed(socket: &Path, error: &CallError) -> CniError {
     CniError::new(
         TRY_AGAIN_LATER,
-        format!(
-            "tokenmesh agent not reachable at {}: {error}",
-            socket.display()
-        ),
+        error.describe(socket),
         "pods start once the tokenmesh agent on this node is running; check the tokenmesh-agent DaemonSet pod of this node",
     )
 }
@@ -270,22 +281,60 @@ fn result_output(mut result: Value, version: &str) -> String {
     result.to_string()
 }
 
+/// Why a request to the agent got no usable reply.
+#[derive(Debug)]
+pub enum CallError {
+    /// The socket could not be reached.
+    Connect(std::io::Error),
+    /// No reply within the timeout.
+    Timeout(Duration),
+    /// The connection failed while the request was sent or the reply read.
+    Io(std::io::Error),
+    /// The reply was not a reply of this protocol.
+    InvalidReply(String),
+}
+
+impl CallError {
+    /// Describes the failure for an operator, naming the socket.
+    pub fn describe(&self, socket: &Path) -> String {
+        let socket = socket.display();
+        match self {
+            CallError::Connect(error) => {
+                format!("tokenmesh agent not reachable at {socket}: {error}")
+            }
+            CallError::Timeout(timeout) => format!(
+                "tokenmesh agent at {socket} did not reply within {} s",
+                timeout.as_secs()
+            ),
+            CallError::Io(error) => {
+                format!("connection to the tokenmesh agent at {socket} failed: {error}")
+            }
+            CallError::InvalidReply(error) => format!(
+                "tokenmesh agent at {socket} sent an invalid reply ({error}); use tokenmesh-cni of the agent's version"
+            ),
+        }
+    }
+}
+
 /// Sends one request to the agent and reads its reply.
-pub fn call(socket: &Path, request: &Request, timeout: Duration) -> std::io::Result<Reply> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(SHORT_TIMEOUT))?;
-    let mut line = serde_json::to_vec(request)?;
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply, CallError> {
+    let mut stream = UnixStream::connect(socket).map_err(CallError::Connect)?;
+    let io = |error: std::io::Error| match error.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            CallError::Timeout(timeout)
+        }
+        _ => CallError::Io(error),
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(SHORT_TIMEOUT)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).expect("a request serializes");
     line.push(b'\n');
-    stream.write_all(&line)?;
+    stream.write_all(&line).map_err(io)?;
     let mut reply = String::new();
-    BufReader::new(std::io::Read::take(stream, MAX_LINE as u64)).read_line(&mut reply)?;
-    serde_json::from_str(&reply).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("invalid reply from the agent: {e}"),
-        )
-    })
+    BufReader::new(std::io::Read::take(stream, MAX_LINE as u64))
+        .read_line(&mut reply)
+        .map_err(io)?;
+    serde_json::from_str(&reply).map_err(|e| CallError::InvalidReply(e.to_string()))
 }
 
 #[cfg(test)]
@@ -396,11 +445,41 @@ mod tests {
     }
 
     #[test]
-    fn status_without_agent_not_available() {
+    fn status_without_agent_succeeds() {
         let dir = tempfile::tempdir().unwrap();
         let env = env_of(&[("CNI_COMMAND", "STATUS")]);
-        let error = error_of(&run(&env, &conf(&dir.path().join("cni.sock"))));
-        assert_eq!(error["code"], NOT_AVAILABLE);
+        let output = run(&env, &conf(&dir.path().join("cni.sock")));
+        assert!(output.success, "{}", output.stdout);
+        assert_eq!(output.stdout, "");
+    }
+
+    #[test]
+    fn silent_agent_reported_as_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("cni.sock");
+        // Accepts the connection and never replies.
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let env = env_of(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_NETNS", "/var/run/netns/cni-1"),
+            ("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0"),
+        ]);
+        let mut stdin: Value = serde_json::from_str(&conf(&socket)).unwrap();
+        stdin["timeout_seconds"] = json!(0);
+        let error = error_of(&run(&env, &stdin.to_string()));
+        assert_eq!(error["code"], TRY_AGAIN_LATER);
+        let msg = error["msg"].as_str().unwrap();
+        assert!(msg.contains("did not reply within 5 s"), "{msg}");
+    }
+
+    #[test]
+    fn check_without_kubernetes_prints_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env_of(&[("CNI_COMMAND", "CHECK"), ("CNI_CONTAINERID", "abc")]);
+        let output = run(&env, &conf(&dir.path().join("cni.sock")));
+        assert!(output.success, "{}", output.stdout);
+        assert_eq!(output.stdout, "");
     }
 
     #[test]

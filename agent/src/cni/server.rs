@@ -201,7 +201,7 @@ async fn answer(
         Ok(Err(_)) => return stopping(),
         Err(_) => {
             let message = format!(
-                "the agent did not see pod {pod} in the Kubernetes API within {}",
+                "the agent did not see the pod in the Kubernetes API within {}",
                 humantime::format_duration(timeout)
             );
             tracing::warn!(pod, "new pod held: {message}");
@@ -223,7 +223,7 @@ async fn answer(
         },
         None => Reply::Failed {
             message: format!(
-                "the agent did not steer pod {identity} within {}",
+                "the agent did not steer the pod within {}",
                 humantime::format_duration(timeout)
             ),
         },

@@ -345,7 +345,7 @@ impl State {
                     "the CNI result has no IPv4 address, and tokenmesh steers IPv4 only".into(),
                 )
             }
-            Err(Skip::Invalid(reason)) => Decision::Reject(format!("pod {uid} {reason}")),
+            Err(Skip::Invalid(reason)) => Decision::Reject(format!("the pod {reason} (UID {uid})")),
             Err(skip) => Decision::Skip(format!("pod {skip}")),
         };
         Some(decision)

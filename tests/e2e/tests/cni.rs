@@ -346,7 +346,7 @@ audit:
     assert_eq!(unknown.stdout["code"], 100, "{}", unknown.stdout);
     let message = unknown.stdout["msg"].as_str().unwrap_or_default();
     assert!(
-        message.contains("did not see pod shop/ghost-0"),
+        message.contains("pod shop/ghost-0 cannot start: the agent did not see the pod"),
         "{message}"
     );
 
