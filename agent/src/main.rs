@@ -161,6 +161,11 @@ fn uninstall(
         (None, None) => anyhow::bail!("give --config FILE or --bpffs-dir DIR"),
     };
     // The plugin goes first: once no agent runs, it would keep every new pod from starting.
+    if cni_conf_dir.is_none() {
+        println!(
+            "no CNI configuration folder given: if the agent installed tokenmesh-cni, remove it with --cni-conf-dir /etc/cni/net.d --cni-bin-dir /opt/cni/bin, or new pods on this node cannot start"
+        );
+    }
     if let Some(conf_dir) = cni_conf_dir {
         let changed = cni::chain::remove(&conf_dir, cni_bin_dir.as_deref())?;
         match changed.as_slice() {

@@ -39,12 +39,12 @@ pub enum ChainError {
         "no CNI configuration (.conflist, .conf or .json) in {0}; the node's network plugin writes one, and tokenmesh-cni is added once it exists"
     )]
     NoConfig(PathBuf),
-    #[error("cannot {action} {path}: {source}")]
+    // The I/O error is part of the message and not a `source`, so it is printed once.
+    #[error("cannot {action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} is not a CNI configuration: {reason}; fix or remove the file")]
     Invalid { path: PathBuf, reason: String },
@@ -52,10 +52,10 @@ pub enum ChainError {
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ChainError {
     let path = path.to_path_buf();
-    move |source| ChainError::Io {
+    move |error| ChainError::Io {
         action,
         path,
-        source,
+        error,
     }
 }
 
@@ -111,7 +111,7 @@ impl Chain {
             None => plugins.push(entry),
         }
 
-        write_atomically(&target, &to_pretty(&conf), 0o644)?;
+        write_atomically(&target, &to_pretty(&conf), file_mode(&path))?;
         if converted {
             fs::remove_file(&path).map_err(io_error("remove", &path))?;
         }
@@ -134,7 +134,7 @@ pub fn remove(conf_dir: &Path, bin_dir: Option<&Path>) -> Result<Vec<PathBuf>, C
         let before = plugins.len();
         plugins.retain(|plugin| plugin["type"] != PLUGIN_TYPE);
         if plugins.len() != before {
-            write_atomically(&path, &to_pretty(&conf), 0o644)?;
+            write_atomically(&path, &to_pretty(&conf), file_mode(&path))?;
             changed.push(path);
         }
     }
@@ -213,6 +213,13 @@ fn to_pretty(conf: &Map<String, Value>) -> Vec<u8> {
     let mut text = serde_json::to_vec_pretty(conf).expect("a JSON map serializes");
     text.push(b'\n');
     text
+}
+
+/// The permission bits of the existing file at `path`, or 0644 for a new one.
+fn file_mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .map(|metadata| metadata.permissions().mode() & 0o7777)
+        .unwrap_or(0o644)
 }
 
 fn install_binary(source: &Path, target: &Path) -> Result<(), ChainError> {
@@ -368,7 +375,11 @@ mod tests {
         fs::write(&list, BRIDGE).unwrap();
         chain.ensure().unwrap();
 
+        fs::set_permissions(&list, fs::Permissions::from_mode(0o600)).unwrap();
+
         let changed = remove(&chain.conf_dir, chain.bin_dir.as_deref()).unwrap();
+        let mode = fs::metadata(&list).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         assert_eq!(changed, vec![list.clone()]);
         assert_eq!(
             read_json(&list),
