@@ -222,6 +222,16 @@ fn daemonset_security_settings() -> Result<()> {
             CAPABILITIES.iter().map(|c| c.to_string()).collect(),
             "{kustomization}: added capabilities"
         );
+        assert_eq!(
+            security["appArmorProfile"]["type"].as_str(),
+            Some("Unconfined"),
+            "{kustomization}: bpffs writes need it"
+        );
+        assert_eq!(
+            pod["nodeSelector"]["kubernetes.io/arch"].as_str(),
+            Some("amd64"),
+            "{kustomization}: the image is x86_64 only"
+        );
         assert_eq!(pod["hostNetwork"], Value::Bool(true));
         assert_eq!(pod["hostPID"], Value::Bool(true));
         assert!(
