@@ -215,7 +215,7 @@ fn to_pretty(conf: &Map<String, Value>) -> Vec<u8> {
     text
 }
 
-/// The permission bits of the existing file at `path`, or 0644 for a new one.
+/// Returns the permission bits of the existing file at `path`, or 0644 for a new one.
 fn file_mode(path: &Path) -> u32 {
     fs::metadata(path)
         .map(|metadata| metadata.permissions().mode() & 0o7777)

@@ -209,10 +209,10 @@ fn del(conf: &NetConf, env: &dyn Fn(&str) -> Option<String>) {
     }
 }
 
-/// Reports the plugin as available even when the agent does not answer. containerd 2.0
-/// and later call STATUS for the node's network status, and a failure there marks the
-/// whole node NotReady, which would evict its pods after a while. A missing agent holds
-/// new pods at ADD instead.
+/// Reports the plugin as available even when the agent does not reply. Runtimes use
+/// STATUS for the node's network readiness (containerd 2.0 through go-cni pull request
+/// 123, CRI-O through ocicni pull request 196), and a failure marks the whole node
+/// NotReady, so its pods may be evicted. A missing agent holds new pods at ADD instead.
 fn status(conf: &NetConf) -> Result<String, CniError> {
     if let Err(error) = call(&conf.agent_socket, &Request::Status, SHORT_TIMEOUT) {
         eprintln!(
@@ -281,7 +281,7 @@ fn result_output(mut result: Value, version: &str) -> String {
     result.to_string()
 }
 
-/// Why a request to the agent got no usable reply.
+/// The reason a request to the agent got no usable reply.
 #[derive(Debug)]
 pub enum CallError {
     /// The socket could not be reached.

@@ -33,11 +33,11 @@ pub fn cgroup2_mount() -> Result<PathBuf, SteeringError> {
 /// what `bpf_get_current_cgroup_id` returns.
 ///
 /// `/proc/self/cgroup` gives the path relative to the process's cgroup namespace. In a
-/// container with a namespace of its own (containerd and CRI-O give one to every
+/// container with a namespace of its own (containerd's CRI plugin gives one to every
 /// unprivileged container on cgroup v2) it reads `0::/`, which names no folder of the
 /// node's hierarchy. So the folder is accepted only when its `cgroup.procs` lists this
-/// process; otherwise the folder that does is searched for below `pods_cgroup`, the only
-/// place where the agent's own connects would be steered.
+/// process. Otherwise the folder that does is searched for below `pods_cgroup`, because
+/// only there would the agent's own connects be steered.
 pub(super) fn own_cgroup_id(pods_cgroup: &Path) -> Result<u64, SteeringError> {
     let membership =
         std::fs::read_to_string("/proc/self/cgroup").map_err(|error| SteeringError::OwnCgroup {

@@ -142,7 +142,7 @@ pub struct Scenario {
     /// pods' parent cgroup puts the agent where a DaemonSet pod's agent is on a node.
     pub agent_cgroup: Option<PathBuf>,
     /// Starts the agent in a cgroup namespace of its own, rooted at `agent_cgroup`, as
-    /// containerd and CRI-O start an unprivileged container on cgroup v2.
+    /// containerd's CRI plugin starts an unprivileged container on cgroup v2.
     pub agent_cgroup_namespace: bool,
     agent: Option<ChildGuard>,
     apps: Vec<ChildGuard>,

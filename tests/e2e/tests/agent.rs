@@ -329,16 +329,16 @@ fn detach_on_exit_removes_steering() {
     );
 }
 
-#[test]
-fn agent_below_pods_cgroup_not_steered() {
-    let mut scenario = scenario("inpods");
+/// Runs the agent in a cgroup below the pods' parent cgroup, as a DaemonSet pod's agent
+/// is on a node, and checks that its own upstream connect is not steered back into it.
+/// With `cgroup_namespace`, the agent also gets a cgroup namespace of its own.
+fn assert_agent_connects_not_steered(prefix: &str, cgroup_namespace: bool) {
+    let mut scenario = scenario(prefix);
     let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
     scenario.stop_agent().unwrap();
 
-    // In a DaemonSet the agent's own cgroup is below the pods' parent cgroup, so its
-    // upstream sockets, made in the pods' namespaces, would be steered back into it if
-    // connect4 did not skip the agent's cgroup.
     scenario.agent_cgroup = Some(scenario.topology.pods_cgroup().join("tokenmesh-agent"));
+    scenario.agent_cgroup_namespace = cgroup_namespace;
     scenario.start_agent().unwrap();
 
     let outcome = scenario.curl("frontend", &url, &[]).unwrap();
@@ -356,27 +356,15 @@ fn agent_below_pods_cgroup_not_steered() {
 }
 
 #[test]
+fn agent_below_pods_cgroup_not_steered() {
+    // The agent's upstream sockets, made in the pods' namespaces, would be steered back
+    // into it if connect4 did not skip the agent's cgroup.
+    assert_agent_connects_not_steered("inpods", false);
+}
+
+#[test]
 fn agent_in_cgroup_namespace_not_steered() {
-    let mut scenario = scenario("cgroupns");
-    let url = scenario.echo_url(PROTECTED_PORT, "/api/echo");
-    scenario.stop_agent().unwrap();
-
     // An unprivileged container on cgroup v2 gets a cgroup namespace of its own, so the
-    // agent reads its cgroup as "/" and must look it up in PID 1's namespace.
-    scenario.agent_cgroup = Some(scenario.topology.pods_cgroup().join("tokenmesh-agent"));
-    scenario.agent_cgroup_namespace = true;
-    scenario.start_agent().unwrap();
-
-    let outcome = scenario.curl("frontend", &url, &[]).unwrap();
-    assert_eq!(outcome.status, 200, "{outcome:?}\n{}", scenario.agent_log());
-    assert_eq!(
-        outcome.echoed_header(CLIENT_ID_HEADER).unwrap(),
-        ["frontend"]
-    );
-    let records = scenario.audit_records().unwrap();
-    assert_eq!(
-        records_where(&records, "outbound", PROTECTED_PORT).len(),
-        1,
-        "one outbound hop, not a loop: {records:#?}"
-    );
+    // agent reads its cgroup as "/" and must find its real cgroup another way.
+    assert_agent_connects_not_steered("cgroupns", true);
 }

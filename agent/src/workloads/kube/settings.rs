@@ -43,9 +43,9 @@ pub struct CniSpec {
     /// The agent's Unix socket for the plugin, a path the node and the agent share.
     #[serde(default = "default_cni_socket")]
     pub socket: PathBuf,
-    /// The node's CNI configuration folder, as mounted in the agent's container; the agent adds the
-    /// plugin to the runtime's configuration list there and keeps it there. Unset: the
-    /// plugin is installed by other means.
+    /// The node's CNI configuration folder, as mounted in the agent's container. The agent
+    /// adds the plugin to the runtime's configuration list there and keeps it there. When
+    /// unset, the plugin is installed by other means.
     #[serde(default)]
     pub conf_dir: Option<PathBuf>,
     /// The node's CNI plugin folder, as mounted in the agent's container; the agent copies the plugin
